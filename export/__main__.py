@@ -1,0 +1,74 @@
+"""``python -m export``: Ultralytics checkpoint -> TorchScript backbone + postprocessor (+ .mar)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2  # bad input: missing file, not a checkpoint, unsupported task
+EXIT_MISMATCH = 1  # the export does not reproduce Ultralytics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export an Ultralytics YOLO detect/pose model to a traced backbone (backbone.pt), a scripted "
+        "postprocessor (postprocess.pt) and metadata.json, then check them against Ultralytics itself.",
+    )
+    p.add_argument("--weights", required=True, help="Ultralytics .pt checkpoint, or a model .yaml such as yolo26n-pose.yaml (random weights, seeded)")
+    p.add_argument("--imgsz", type=int, nargs="+", default=[640], metavar="N", help="letterbox target, N or H W; rounded up to the max stride (default 640)")
+    p.add_argument("--name", default="yolo", help="model name: the .mar name and the URL /predictions/NAME (default yolo)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default exports/NAME)")
+    p.add_argument(
+        "--head",
+        choices=("auto", "one2many", "one2one"),
+        default="auto",
+        help="detection head of models that have two (YOLO26): auto follows the checkpoint, as YOLO(weights).predict() "
+        "does; one2one is the NMS-free top-k head (predict(nms=False)); one2many is the NMS head",
+    )
+    p.add_argument("--letterbox", choices=("rect", "square"), default="rect", help="default letterbox of the served model: rect pads to the next stride multiple, as YOLO.predict (default); square pads to imgsz")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with Ultralytics (not recommended)")
+    p.add_argument("--seed", type=int, default=0, help="seed for building a .yaml model (default 0)")
+    p.add_argument("--archive", action="store_true", help="also build MODEL_STORE/NAME.mar with torch-model-archiver")
+    p.add_argument("--model-store", type=Path, default=Path("model_store"), help="where --archive writes the .mar (default model_store)")
+    args = p.parse_args(argv)
+    if len(args.imgsz) not in (1, 2) or min(args.imgsz) < 1:
+        p.error("--imgsz takes one or two positive integers")
+    args.imgsz = args.imgsz * 2 if len(args.imgsz) == 1 else args.imgsz
+    args.out = args.out or Path("exports") / args.name
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from export.checkpoint import ExportError
+    from export.exporter import export_model
+    from export.verify import VerificationError
+
+    t0 = time.perf_counter()
+    try:
+        result = export_model(
+            args.weights, args.out, args.imgsz, args.name, args.head, args.letterbox, not args.no_check, args.seed
+        )
+        if args.archive:
+            from export.archive import build_archive
+
+            mar = build_archive(result.out_dir, args.name, args.model_store)
+            result.files.append(mar)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except VerificationError as e:
+        print(f"error: export does not match Ultralytics: {e}", file=sys.stderr)
+        return EXIT_MISMATCH
+    print("wrote:")
+    for f in result.files:
+        print(f"  {f}  ({f.stat().st_size / 1e6:.2f} MB)")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Load an Ultralytics checkpoint or model YAML and describe what the export needs from it."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from export.postprocess import KPT_DECODE_NONE, KPT_DECODE_POSE, KPT_DECODE_POSE26
+
+HeadChoice = Literal["auto", "one2many", "one2one"]
+SUPPORTED_TASKS = ("detect", "pose")
+
+
+class ExportError(Exception):
+    """A problem with the user's input to the exporter; the CLI prints it on one line and exits 2."""
+
+
+@dataclass
+class LoadedModel:
+    """A fused fp32 Ultralytics model in eval mode, on CPU, and the facts the export needs."""
+
+    source: str  # the --weights argument as given
+    path: Path  # the file it resolved to
+    seed: int  # seed of a YAML build
+    model: nn.Module  # ultralytics DetectionModel / PoseModel, fused
+    task: str  # "detect" | "pose"
+    names: list[str]  # class names, index = class id
+    strides: list[float]  # per detection level, e.g. [8, 16, 32]
+    reg_max: int
+    end2end: bool  # True: the NMS-free one-to-one head is exported
+    kpt_shape: tuple[int, int] | None
+    kpt_decode: int  # one of export.postprocess.KPT_DECODE_*
+    head_type: str  # "Detect", "Pose", "Pose26", ...
+    weights_sha256: str  # of the .pt or .yaml file
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    @property
+    def max_stride(self) -> int:
+        return max(int(max(self.strides)), 32)  # as Ultralytics' AutoBackend
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resolve_source(weights: str) -> Path | None:
+    """The file behind ``weights``; None for a YAML name that Ultralytics resolves from its own configs."""
+    path = Path(weights)
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") and path.parent == Path("."):
+        from ultralytics.utils.checks import check_yaml
+
+        # a bare name such as yolo26n-pose.yaml: the scale letter selects a row of yolo26-pose.yaml's
+        # scales, exactly as ultralytics.nn.tasks.yaml_model_load resolves it
+        unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", path.stem) + path.suffix
+        try:
+            return Path(check_yaml(unified))
+        except Exception:  # noqa: BLE001 - an unknown name is reported by the caller
+            return None
+    return None
+
+
+def build_yolo(weights: str, src: Path, seed: int):
+    """``ultralytics.YOLO`` for ``weights``; a YAML build is seeded, so two calls give the same weights."""
+    from ultralytics import YOLO
+
+    torch.manual_seed(seed)
+    return YOLO(str(src) if src.suffix == ".pt" else weights)  # a YAML name keeps its scale letter
+
+
+def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> LoadedModel:
+    """Load ``weights`` (a ``.pt`` checkpoint, or a model ``.yaml`` built with ``seed``) for export.
+
+    ``head`` selects the detection head of models that have both (YOLO26, YOLOv10):
+    ``auto`` keeps the checkpoint's own setting as the installed Ultralytics reads it (what
+    ``YOLO(weights).predict()`` uses); ``one2one`` forces the NMS-free head (``predict(nms=False)``);
+    ``one2many`` forces the NMS head.
+    """
+    src = _resolve_source(weights)
+    if src is None:
+        raise ExportError(f"weights not found: {weights}")
+    if src.suffix not in (".pt", ".yaml", ".yml"):
+        raise ExportError(f"{weights}: expected an Ultralytics .pt checkpoint or a model .yaml, got '{src.suffix}'")
+
+    if src.suffix == ".pt":
+        with src.open("rb") as f:
+            magic = f.read(4)
+        if magic[:2] != b"PK" and magic[:1] != b"\x80":  # zip (torch.save) or legacy pickle
+            raise ExportError(f"{weights}: not a PyTorch checkpoint")
+    try:
+        yolo = build_yolo(weights, src, seed)
+    except Exception as e:  # noqa: BLE001 - anything Ultralytics raises on a bad file is the user's input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{weights}: not an Ultralytics checkpoint ({first})") from None
+    task = yolo.task
+    if task not in SUPPORTED_TASKS:
+        raise ExportError(f"{weights}: task '{task}' is not supported yet (supported: {', '.join(SUPPORTED_TASKS)})")
+    model = yolo.model
+    head_module = model.model[-1]
+    head_type = type(head_module).__name__
+    if head_type not in ("Detect", "Pose", "Pose26", "v10Detect"):
+        raise ExportError(f"{weights}: head '{head_type}' is not supported yet (supported: Detect, Pose, Pose26)")
+    if head != "auto":
+        if getattr(head_module, "one2one_cv2", None) is None and head == "one2one":
+            raise ExportError(f"{weights}: this model has no NMS-free one-to-one head; use --head auto")
+        model.end2end = head == "one2one"
+    model = model.float().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = model.fuse(verbose=False)
+    head_module = model.model[-1]
+    kpt_shape = tuple(int(v) for v in head_module.kpt_shape) if task == "pose" else None
+    kpt_decode = KPT_DECODE_NONE
+    if task == "pose":
+        kpt_decode = KPT_DECODE_POSE26 if head_type == "Pose26" else KPT_DECODE_POSE
+    names = model.names
+    names = [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else [str(n) for n in names]
+    return LoadedModel(
+        source=weights,
+        path=src,
+        seed=seed,
+        model=model,
+        task=task,
+        names=names,
+        strides=[float(s) for s in head_module.stride],
+        reg_max=int(head_module.reg_max),
+        end2end=bool(getattr(head_module, "end2end", False)),
+        kpt_shape=kpt_shape,
+        kpt_decode=kpt_decode,
+        head_type=head_type,
+        weights_sha256=sha256_of(src),
+    )

@@ -1,0 +1,127 @@
+"""Checkpoint -> ``backbone.pt`` + ``postprocess.pt`` + ``metadata.json``, then the proof of equality."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from export.backbone import trace_backbone
+from export.checkpoint import HeadChoice, LoadedModel, load_model
+from export.metadata import build_metadata, to_json
+from export.postprocess import YoloPostprocess
+from export import verify
+from handler.decode import decode_image
+from handler.pipeline import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, YoloPipeline
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[Path]
+    metadata: dict
+    loaded: LoadedModel
+    steps: list[tuple[str, float]] = field(default_factory=list)  # (what, seconds)
+
+
+@contextmanager
+def _step(steps: list[tuple[str, float]], what: str, log: Callable[[str], None]) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    dt = time.perf_counter() - t0
+    steps.append((what, dt))
+    log(f"  {what:<42s} {dt:7.2f} s")
+
+
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """torch 2.14 marks torch.jit.* deprecated with a FutureWarning on every call; we use it on purpose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        yield
+
+
+def script_postprocessor(loaded: LoadedModel) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of :class:`YoloPostprocess` configured for ``loaded``."""
+    with _quiet_jit():
+        return torch.jit.script(
+            YoloPostprocess(
+                loaded.nc, loaded.reg_max, loaded.strides, loaded.end2end, loaded.kpt_shape or (0, 0), loaded.kpt_decode
+            )
+        )
+
+
+def round_imgsz(imgsz: list[int], stride: int, log: Callable[[str], None]) -> list[int]:
+    """``[h, w]`` rounded up to multiples of ``stride``, with a warning, as Ultralytics' check_imgsz."""
+    rounded = [max(stride, math.ceil(v / stride) * stride) for v in imgsz]
+    if rounded != imgsz:
+        log(f"WARNING: --imgsz {imgsz} is not a multiple of the max stride {stride}; using {rounded}")
+    return rounded
+
+
+def sample_images() -> list[Path]:
+    """``bus.jpg`` and ``zidane.jpg`` from the installed ultralytics package."""
+    from ultralytics.utils import ASSETS
+
+    return [Path(ASSETS) / "bus.jpg", Path(ASSETS) / "zidane.jpg"]
+
+
+def export_model(
+    weights: str,
+    out_dir: Path,
+    imgsz: list[int],
+    name: str = "yolo",
+    head: HeadChoice = "auto",
+    letterbox: str = "rect",
+    check: bool = True,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    steps: list[tuple[str, float]] = []
+    with _step(steps, f"load {weights}", log):
+        loaded = load_model(weights, head=head, seed=seed)
+    imgsz = round_imgsz(imgsz, loaded.max_stride, log)
+    log(
+        f"  task={loaded.task} head={loaded.head_type} nc={loaded.nc} reg_max={loaded.reg_max} "
+        f"end2end={loaded.end2end} kpt_shape={loaded.kpt_shape} strides={loaded.strides}"
+    )
+    metadata = build_metadata(loaded, name, imgsz, letterbox)
+    extra = {METADATA_FILE: to_json(metadata)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone_path, post_path, meta_path = out_dir / BACKBONE_FILE, out_dir / POSTPROCESS_FILE, out_dir / METADATA_FILE
+
+    with _step(steps, f"trace backbone at 1x3x{imgsz[0]}x{imgsz[1]}", log), _quiet_jit():
+        traced = trace_backbone(loaded, (imgsz[0], imgsz[1]))
+        torch.jit.save(traced, str(backbone_path), _extra_files=extra)
+    with _step(steps, "script postprocessor", log), _quiet_jit():
+        torch.jit.save(script_postprocessor(loaded), str(post_path), _extra_files=extra)
+    meta_path.write_text(to_json(metadata) + "\n")
+    result = ExportResult(out_dir, [backbone_path, post_path, meta_path], metadata, loaded, steps)
+    if check:
+        verify_export(result, log)
+    return result
+
+
+def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> None:
+    """Run the three checks of ``export/verify.py`` on the files just written."""
+    loaded, steps = result.loaded, result.steps
+    pipeline = YoloPipeline.from_dir(result.out_dir)
+    h, w = pipeline.imgsz
+    stride = loaded.max_stride
+    shapes = [(1, h, w), (2, max(stride, h // 2 // stride * stride), w)]
+    with _step(steps, f"check trace == eager at {shapes}", log):
+        diff = verify.check_trace(loaded, pipeline.backbone, shapes)
+    log(f"    max abs diff {diff:.2e}")
+    images = sample_images()
+    with _step(steps, "check decode == Ultralytics decode+NMS", log):
+        n = [verify.check_decode(loaded, pipeline, decode_image(p.read_bytes())) for p in images]
+    log(f"    {sum(n)} detections compared at a low threshold")
+    with _step(steps, "check pipeline == YOLO.predict", log):
+        n = [verify.check_predict(loaded, pipeline, p) for p in images]
+    log(f"    {', '.join(f'{p.name}: {k}' for p, k in zip(images, n))} detections matched")

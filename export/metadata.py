@@ -1,0 +1,40 @@
+"""The self-description embedded in both TorchScript files (``_extra_files["metadata.json"]``) and
+written beside them as ``metadata.json``. The handler reads and checks it at load time."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from export.checkpoint import LoadedModel
+from export.postprocess import CONTRACT_VERSION, KPT_DECODE_POSE26
+
+
+def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: str) -> dict:
+    """Everything a server needs to know about the exported pair, JSON-serialisable."""
+    import ultralytics
+
+    return {
+        "contract": CONTRACT_VERSION,
+        "name": name,
+        "task": loaded.task,
+        "names": loaded.names,  # a list: index = class id (JSON object keys would become strings)
+        "nc": loaded.nc,
+        "kpt_shape": list(loaded.kpt_shape) if loaded.kpt_shape else None,
+        "kpt_decode": None if loaded.kpt_shape is None else ("pose26" if loaded.kpt_decode == KPT_DECODE_POSE26 else "pose"),
+        "stride": loaded.strides,
+        "max_stride": loaded.max_stride,
+        "reg_max": loaded.reg_max,
+        "end2end": loaded.end2end,
+        "head": "one2one (NMS-free top-k)" if loaded.end2end else "one2many (NMS)",
+        "head_type": loaded.head_type,
+        "imgsz": imgsz,  # [h, w] letterbox target
+        "letterbox": letterbox,  # "rect" (minimal padding, as YOLO.predict) or "square"
+        "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__},
+        "weights": {"file": loaded.path.name, "sha256": loaded.weights_sha256},
+    }
+
+
+def to_json(metadata: dict) -> str:
+    return json.dumps(metadata, indent=2)

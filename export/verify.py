@@ -1,0 +1,225 @@
+"""Proof that the exported files reproduce Ultralytics. Used by ``python -m export`` and the tests.
+
+Three checks, each raising :class:`VerificationError` that names the worst mismatch:
+
+1. :func:`check_trace`: traced backbone vs the eager network, raw outputs, max abs diff <= 1e-4.
+2. :func:`check_decode`: the same letterboxed input through (traced backbone -> our scripted
+   postprocessor) and through (eager model with Ultralytics' own decode -> Ultralytics'
+   ``non_max_suppression`` -> ``scale_boxes``/``scale_coords``), at a low threshold so that random-weight
+   models are checked too.
+3. :func:`check_predict`: the served pipeline (file bytes -> decode -> letterbox -> backbone ->
+   postprocessor) vs ``YOLO(weights).predict(file)`` with default settings.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from export.backbone import RawHead
+from export.checkpoint import LoadedModel, build_yolo
+from handler.decode import decode_image
+from handler.letterbox import LetterboxParams
+from handler.pipeline import Thresholds, YoloPipeline
+
+TRACE_TOL = 1e-4
+
+
+class VerificationError(AssertionError):
+    """The export does not reproduce Ultralytics; the message names the worst mismatch."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close two detection lists must be (defaults: the predict-parity tolerances of issue 2)."""
+
+    min_iou: float = 0.99
+    score: float = 0.005
+    keypoint_px: float = 0.5
+    edge: float = 0.005  # a detection scored within `edge` of conf may be missing on one side
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a: [N, 4]``, ``b: [M, 4]`` xyxy -> ``[N, M]``."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def compare_detections(ours: np.ndarray, ref: np.ndarray, conf: float, tol: Tolerance = Tolerance()) -> list[str]:
+    """Match two detection lists, rows ``[x1, y1, x2, y2, score, class, (kx, ky, kv)*]`` in the same
+    pixel space. Returns the problems found, worst first (empty when they agree)."""
+    problems: list[tuple[float, str]] = []  # (severity, message)
+    used = np.zeros(len(ours), bool)
+    ious = box_iou(ref[:, :4], ours[:, :4]) if len(ours) and len(ref) else np.zeros((len(ref), len(ours)))
+    for r in np.argsort(-ref[:, 4], kind="stable"):
+        cand = np.where(~used & (ours[:, 5] == ref[r, 5]))[0]
+        if len(cand) == 0 or ious[r, cand].max() < 0.5:
+            if ref[r, 4] - conf > tol.edge:
+                problems.append((1.0, f"Ultralytics detection {ref[r, :6].round(3).tolist()} has no match"))
+            continue
+        o = cand[ious[r, cand].argmax()]
+        used[o] = True
+        iou = float(ious[r, o])
+        if iou < tol.min_iou:
+            problems.append((1 - iou, f"box IoU {iou:.4f} < {tol.min_iou} for class {int(ref[r, 5])}"))
+        ds = abs(float(ours[o, 4] - ref[r, 4]))
+        if ds > tol.score:
+            problems.append((ds, f"score differs by {ds:.4f} (ours {ours[o, 4]:.4f}, Ultralytics {ref[r, 4]:.4f})"))
+        if ref.shape[1] > 6:
+            d = np.abs(ours[o, 6:].reshape(-1, 3)[:, :2] - ref[r, 6:].reshape(-1, 3)[:, :2]).max()
+            if d > tol.keypoint_px:
+                problems.append((d / 100, f"keypoint off by {d:.3f} px for class {int(ref[r, 5])}"))
+    for o in np.where(~used)[0]:
+        if ours[o, 4] - conf > tol.edge:
+            problems.append((1.0, f"our detection {ours[o, :6].round(3).tolist()} is not in Ultralytics' output"))
+    return [m for _, m in sorted(problems, key=lambda p: -p[0])]
+
+
+def _raise_if(problems: list[str], what: str) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerificationError(f"{what}: {problems[0]}{more}")
+
+
+def check_trace(loaded: LoadedModel, traced: torch.jit.ScriptModule, shapes: list[tuple[int, int, int]]) -> float:
+    """Traced vs eager raw head outputs at each ``(B, H, W)``; returns the max abs diff."""
+    eager = RawHead(loaded).eval()
+    worst, where = 0.0, ""
+    for b, h, w in shapes:
+        x = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(h * w + b))
+        with torch.no_grad():
+            for lvl, (t, e) in enumerate(zip(traced(x), eager(x))):
+                if t.shape != e.shape:
+                    raise VerificationError(f"trace check: level {lvl} shape {tuple(t.shape)} != eager {tuple(e.shape)}")
+                d = float((t - e).abs().max())
+                if d > worst:
+                    worst, where = d, f"level {lvl} at {b}x3x{h}x{w}"
+    if worst > TRACE_TOL:
+        raise VerificationError(f"trace check: max abs diff {worst:.2e} > {TRACE_TOL:.0e} ({where})")
+    return worst
+
+
+def ultralytics_reference(
+    loaded: LoadedModel, images: Tensor, params: list[LetterboxParams], th: Thresholds, agnostic: bool = False
+) -> list[np.ndarray]:
+    """Ultralytics' own decode + NMS (or NMS-free top-k) + inverse letterbox on ``images: float32[B, 3, H, W]``.
+
+    Rows as in the postprocessor contract, in original-image pixels.
+    """
+    from ultralytics.utils import nms, ops
+
+    head = loaded.model.model[-1]
+    if loaded.end2end:  # what the predictor sets before an end-to-end forward
+        head.max_det, head.agnostic_nms = max(th.max_det, 300), agnostic
+    with torch.no_grad():
+        y = loaded.model(images)
+    y = y[0] if isinstance(y, (list, tuple)) else y
+    dets = nms.non_max_suppression(
+        y,
+        th.conf,
+        th.iou,
+        list(th.classes) if th.classes is not None else None,
+        agnostic,
+        max_det=th.max_det,
+        nc=0 if loaded.task == "detect" else loaded.nc,
+        end2end=loaded.end2end,
+    )
+    out = []
+    for d, p in zip(dets, params):
+        d = d.clone()
+        ratio_pad = ((p.gain_y, p.gain_x), (p.pad_left, p.pad_top))
+        shape = (p.orig_h, p.orig_w)
+        d[:, :4] = ops.scale_boxes(images.shape[2:], d[:, :4], shape, ratio_pad=ratio_pad)
+        if loaded.kpt_shape is not None:
+            k = d[:, 6:].view(len(d), *loaded.kpt_shape)
+            k = ops.scale_coords(images.shape[2:], k, shape, ratio_pad=ratio_pad)
+            if loaded.kpt_shape[1] == 2:
+                k = torch.cat((k, torch.ones_like(k[..., :1])), -1)
+            d = torch.cat((d[:, :6], k.reshape(len(d), -1)), 1)
+        out.append(d.numpy())
+    return out
+
+
+def low_threshold(loaded: LoadedModel, images: Tensor, candidates: int = 100) -> float:
+    """A confidence threshold that lets about ``candidates`` boxes per image through, so that a
+    random-weight model (scores ~1e-5) still has something to compare."""
+    with torch.no_grad():
+        out = RawHead(loaded)(images)
+    logits = torch.cat([o[:, 4 * loaded.reg_max : 4 * loaded.reg_max + loaded.nc].flatten(2) for o in out], 2)
+    best = logits.sigmoid().amax(1).flatten()  # [B * A]
+    k = min(candidates * images.shape[0], best.numel())
+    return float(best.topk(k).values[-1]) * 0.999
+
+
+def check_decode(
+    loaded: LoadedModel,
+    pipeline: YoloPipeline,
+    image: np.ndarray,
+    classes: tuple[int, ...] | None = None,
+    agnostic: bool = False,
+) -> int:
+    """Same letterboxed input, our backbone+postprocessor vs Ultralytics' decode+NMS, at a low
+    threshold. Returns how many detections were compared."""
+    item = pipeline.prepare(image)
+    x = pipeline._to_input([item.pixels])
+    conf = low_threshold(loaded, x)
+    th = Thresholds(conf=conf, iou=0.7, max_det=300, classes=classes)
+    ref = ultralytics_reference(loaded, x, [item.params], th, agnostic)[0]
+    with torch.no_grad():
+        feats = list(pipeline.backbone(x))
+        mask = None
+        if classes is not None:
+            mask = torch.zeros(1, loaded.nc, dtype=torch.bool)
+            mask[0, list(classes)] = True
+        dets, counts = pipeline.postprocess(
+            feats,
+            torch.tensor([item.params.as_row()]),
+            torch.tensor([conf]),
+            torch.tensor([0.7]),
+            torch.tensor([300]),
+            mask,
+            agnostic,
+        )
+    ours = dets[0, : int(counts[0])].numpy()
+    exact = Tolerance(min_iou=0.999, score=1e-5, keypoint_px=0.01, edge=0.0)
+    if len(ours) != len(ref):
+        raise VerificationError(f"decode check: {len(ours)} detections, Ultralytics has {len(ref)} (conf {conf:.3g})")
+    _raise_if(compare_detections(ours, ref, conf, exact), "decode check")
+    return len(ref)
+
+
+def ultralytics_predict(loaded: LoadedModel, image_path: Path, imgsz, rect: bool = True) -> np.ndarray:
+    """``YOLO(weights).predict(image_path)`` with default settings, as rows of our contract.
+
+    ``rect=True`` is predict's own default (minimal padding); ``rect=False`` pads to the full square."""
+    yolo = build_yolo(loaded.source, loaded.path, loaded.seed)
+    yolo.model.end2end = loaded.end2end  # the head the export uses (AutoBackend keeps it)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = yolo.predict(str(image_path), imgsz=imgsz, rect=rect, verbose=False)[0]
+    rows = [r.boxes.xyxy, r.boxes.conf[:, None], r.boxes.cls[:, None]]
+    if r.keypoints is not None and loaded.kpt_shape is not None:
+        k = r.keypoints.data
+        if k.shape[-1] == 2:
+            k = torch.cat((k, torch.ones_like(k[..., :1])), -1)
+        rows.append(k.reshape(len(k), 3 * loaded.kpt_shape[0]))
+    return torch.cat(rows, 1).cpu().numpy()
+
+
+def check_predict(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path) -> int:
+    """Served pipeline vs ``YOLO.predict`` on one image file; returns the number of detections."""
+    image = decode_image(Path(image_path).read_bytes())
+    ours = pipeline.infer([pipeline.prepare(image)])[0][0].numpy()
+    ref = ultralytics_predict(loaded, image_path, pipeline.imgsz, rect=pipeline.letterbox_mode == "rect")
+    tol = Tolerance()
+    _raise_if(compare_detections(ours, ref, Thresholds().conf, tol), f"predict check on {Path(image_path).name}")
+    return len(ref)

@@ -1,0 +1,106 @@
+"""The ``handler:`` section of the archive's ``model-config.yaml``, parsed once into a frozen value.
+
+Example (every key optional; these are the defaults)::
+
+    handler:
+      conf: 0.25              # default score threshold; a request may override it
+      iou: 0.7                # default NMS IoU threshold
+      max_det: 300            # default detections per image
+      letterbox: rect         # rect (pad to the next stride multiple, as YOLO.predict) | square (pad to imgsz)
+      imgsz: null             # int or [h, w], multiples of the model's max stride; null = the exported size
+      half: false             # FP16 on CUDA; ignored with a warning on CPU
+      max_image_pixels: 40000000  # larger images get HTTP 413; 0 = no limit
+      warmup: 2               # forward passes at load time
+      torch_threads: 0        # torch.set_num_threads; 0 = leave torch's default
+
+:meth:`HandlerConfig.from_dict` raises ``ValueError`` naming the key and what to write instead, so a
+bad archive fails when the worker loads, not on the first request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from handler.letterbox import LETTERBOX_MODES
+
+_SECTION = "handler"
+
+
+def _where(key: str) -> str:
+    return f"model-config.yaml {_SECTION}.{key}"
+
+
+def _number(key: str, value: Any, lo: float, hi: float, example: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ValueError(f"{_where(key)} must be a number from {lo} to {hi}, got {value!r}; write e.g. `{key}: {example}`")
+    return float(value)
+
+
+def _integer(key: str, value: Any, lo: int, hi: int, example: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{_where(key)} must be an integer from {lo} to {hi}, got {value!r}; write e.g. `{key}: {example}`")
+    return value
+
+
+def _imgsz(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(f"{_where('imgsz')} must be a positive integer or [h, w], got {value!r}; write e.g. `imgsz: 640` or `imgsz: [480, 640]`")
+    return int(value[0]), int(value[1])
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    letterbox: str | None = None  # None: the exported default (metadata["letterbox"])
+    imgsz: tuple[int, int] | None = None  # (h, w); None: the exported size (metadata["imgsz"])
+    half: bool = False
+    max_image_pixels: int = 40_000_000
+    warmup: int = 2
+    torch_threads: int = 0  # 0: leave torch's default
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> "HandlerConfig":
+        """Validate the ``handler:`` mapping; unknown keys are an error (a typo would be silently ignored)."""
+        section = {} if section is None else section
+        if not isinstance(section, dict):
+            raise ValueError(f"model-config.yaml `{_SECTION}:` must be a mapping of settings, got {type(section).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(section) - set(known))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in model-config.yaml `{_SECTION}:`; the settings are {known}")
+        d = cls()
+        get = section.get
+        letterbox = get("letterbox", d.letterbox)
+        if letterbox is not None and letterbox not in LETTERBOX_MODES:
+            raise ValueError(f"{_where('letterbox')} must be one of {list(LETTERBOX_MODES)}, got {letterbox!r}; write e.g. `letterbox: rect`")
+        half = get("half", d.half)
+        if not isinstance(half, bool):
+            raise ValueError(f"{_where('half')} must be true or false, got {half!r}; write e.g. `half: false`")
+        return cls(
+            conf=_number("conf", get("conf", d.conf), 0.0, 1.0, "0.25"),
+            iou=_number("iou", get("iou", d.iou), 0.0, 1.0, "0.7"),
+            max_det=_integer("max_det", get("max_det", d.max_det), 1, 10000, "300"),
+            letterbox=letterbox,
+            imgsz=_imgsz(get("imgsz", d.imgsz)),
+            half=half,
+            max_image_pixels=_integer("max_image_pixels", get("max_image_pixels", d.max_image_pixels), 0, 2**40, "40000000"),
+            warmup=_integer("warmup", get("warmup", d.warmup), 0, 100, "2"),
+            torch_threads=_integer("torch_threads", get("torch_threads", d.torch_threads), 0, 1024, "0"),
+        )
+
+    def check_imgsz(self, max_stride: int) -> None:
+        """``imgsz`` must be a multiple of the model's largest stride (the backbone's input grid)."""
+        if self.imgsz is not None and any(v % max_stride for v in self.imgsz):
+            fixed = [max(max_stride, -(-v // max_stride) * max_stride) for v in self.imgsz]
+            raise ValueError(f"{_where('imgsz')} {list(self.imgsz)} is not a multiple of the model's max stride {max_stride}; write `imgsz: {fixed}`")

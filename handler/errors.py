@@ -1,0 +1,73 @@
+"""The few errors a request can cause, and their HTTP status. The one place that maps them.
+
+Everything a client can get wrong is a :class:`RequestError`; the handler turns it into that
+request's status (``context.set_response_status(status, phrase, idx)``) and the body
+``{"error": {"type": ..., "message": ...}}``. Anything else is our bug: it is logged with its
+traceback and fails the batch (TorchServe answers 503).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from handler.decode import ImageDecodeError, ImageTooLargeError
+
+
+class RequestError(Exception):
+    """A client error that belongs to one request of a batch."""
+
+    status: int = HTTPStatus.BAD_REQUEST
+    type: str = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def phrase(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+    def body(self) -> dict:
+        return {"error": {"type": self.type, "message": self.message}}
+
+
+class InvalidParameter(RequestError):
+    """A query parameter or JSON field is missing, unknown, malformed or out of range (400)."""
+
+    type = "invalid_parameter"
+
+
+class InvalidImage(RequestError):
+    """The body is not a decodable image (400)."""
+
+    type = "invalid_image"
+
+
+class ImageTooLarge(RequestError):
+    """The image has more pixels than ``max_image_pixels`` (413)."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    type = "image_too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    """The body is not JPEG, PNG, WebP, BMP or TIFF, or arrived as an unsupported content type (415)."""
+
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    type = "unsupported_media_type"
+
+
+def from_decode_error(error: ValueError) -> RequestError:
+    """``handler.decode`` errors -> the matching :class:`RequestError`."""
+    if isinstance(error, ImageTooLargeError):
+        return ImageTooLarge(str(error))
+    if isinstance(error, ImageDecodeError) and error.unsupported:
+        return UnsupportedMediaType(str(error))
+    return InvalidImage(str(error))
+
+
+class InternalError(RequestError):
+    """Our bug while handling one request; logged with its traceback, the rest of the batch still runs (500)."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+    type = "internal_error"

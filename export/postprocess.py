@@ -125,7 +125,7 @@ def nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float, ma
     n = boxes.shape[0]
     if n == 0 or max_keep <= 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = scores.argsort(descending=True)
+    order = torch.sort(scores, descending=True, stable=True)[1]  # ties keep input order: deterministic
     boxes = boxes[order]
     classes = classes[order]
     remaining = torch.ones(n, dtype=torch.bool, device=boxes.device)

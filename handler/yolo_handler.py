@@ -11,7 +11,9 @@ which ``torch-model-archiver --extra-files`` puts into the model directory).
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
@@ -79,9 +81,11 @@ class YoloHandler(BaseHandler):
         if config.warmup:
             pipeline.warmup(config.warmup)
         logger.info(
-            "loaded %s (%s, %d classes) on %s half=%s imgsz=%s letterbox=%s threads=%d in %.2f s, warmup %d runs %.2f s",
+            "loaded %s (%s, %d classes) on %s half=%s imgsz=%s letterbox=%s threads=%d in %.2f s, warmup %d runs %.2f s; "
+            "handler package %s",
             self.info.name, self.info.task, pipeline.nc, device, half, pipeline.imgsz, pipeline.letterbox_mode,
             torch.get_num_threads(), t1 - t0, config.warmup, time.perf_counter() - t1,
+            Path(sys.modules[YoloPipeline.__module__].__file__).parent,
         )
         self.config, self.pipeline, self.device = config, pipeline, device
         self.defaults = Thresholds(conf=config.conf, iou=config.iou, max_det=config.max_det)

@@ -15,13 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.config import HandlerConfig
 from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
-from handler.errors import InternalError, RequestError, from_decode_error
+from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
 from handler.pipeline import Prepared, Thresholds, YoloPipeline
 from handler.request import PreparedRequest, parse_request
 from handler.response import ModelInfo, image_json
@@ -108,8 +109,8 @@ class YoloHandler(BaseHandler):
                 self._reject(context, idx, InternalError("unexpected error while reading the request"), results)
                 continue
             items.append(PreparedRequest(idx, prepared, w, h, (time.perf_counter() - t0) * 1000))
-        if items:
-            self._infer(items, results, context)
+        forwards = self._infer(items, results, context) if items else []
+        logger.info("batch of %d request(s): %d served, forwards (n, h, w) %s", len(data), len(items), forwards)
         _record(context, METRIC_BATCH_SIZE, len(data), unit="count")
         return results
 
@@ -119,18 +120,21 @@ class YoloHandler(BaseHandler):
             image = decode_image(image_bytes, self.config.max_image_pixels)
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise from_decode_error(e) from None
+        except cv2.error as e:  # OpenCV can throw on malformed files instead of returning None
+            raise InvalidImage(f"could not decode the image: {str(e).strip().splitlines()[-1]}") from None
         return self.pipeline.prepare(image, thresholds), image.shape[:2]
 
-    def _infer(self, items: list[PreparedRequest], results: list, context) -> None:
+    def _infer(self, items: list[PreparedRequest], results: list, context) -> list[tuple[int, int, int]]:
+        """Run the good requests in one call; fill their result slots; return the forwards (n, h, w)."""
         outputs, times = self.pipeline.infer([it.prepared for it in items])
         n = len(items)
         for it, dets in zip(items, outputs):
             speed = {"preprocess": it.preprocess_ms, "inference": times.inference / n, "postprocess": times.postprocess / n}
             results[it.idx] = image_json(dets, it.width, it.height, self.info, speed)
-        logger.info("batch of %d request(s): %d served, forwards (n, h, w) %s", len(results), n, times.forwards)
         _record(context, METRIC_PREPROCESS, sum(it.preprocess_ms for it in items))
         _record(context, METRIC_INFERENCE, times.inference)
         _record(context, METRIC_POSTPROCESS, times.postprocess)
+        return times.forwards
 
     @staticmethod
     def _reject(context, idx: int, error: RequestError, results: list) -> None:

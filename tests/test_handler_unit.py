@@ -236,6 +236,24 @@ def test_bad_items_get_their_own_4xx_and_the_rest_still_run(pose_handler, images
     assert_same_response(out[4], solo[0])
 
 
+def test_an_unexpected_error_fails_only_its_own_request(pose_handler, images, monkeypatch, caplog):
+    h, ctx = pose_handler
+    original = h.pipeline.prepare
+
+    def prepare(image, thresholds):
+        if image.shape[1] == 1280:  # zidane
+            raise RuntimeError("simulated bug")
+        return original(image, thresholds)
+
+    monkeypatch.setattr(h.pipeline, "prepare", prepare)
+    with caplog.at_level(logging.ERROR, logger="handler.yolo_handler"):
+        out, statuses = run_batch(h, ctx, [{"body": bytearray(images["zidane"])}, {"body": bytearray(images["bus"])}])
+    assert statuses == [500, 200]
+    assert out[0] == {"error": {"type": "internal_error", "message": "unexpected error while reading the request"}}
+    assert "simulated bug" in caplog.text and "Traceback" in caplog.text
+    check_schema(out[1], pose=True)
+
+
 def test_too_many_pixels_is_413(pose_export, images):
     from handler.yolo_handler import YoloHandler
 

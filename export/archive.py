@@ -54,15 +54,15 @@ def model_config_yaml(handler_settings: dict | None = None, batch_size: int = 4,
     """The archive's ``model-config.yaml``: TorchServe's worker/batching keys and our ``handler:`` section."""
     settings = HandlerConfig.from_dict(handler_settings or {})  # fail here, not in the worker
     comments = {
-        "conf": "default score threshold; ?conf= overrides per request",
-        "iou": "default NMS IoU threshold; ?iou= overrides",
-        "max_det": "default detections per image; ?max_det= overrides",
+        "conf": "default score threshold; a request may override it",
+        "iou": "default NMS IoU threshold; a request may override it",
+        "max_det": "default detections per image; a request may override it",
         "letterbox": "rect | square; null = the exported default",
         "imgsz": "int or [h, w], multiples of the max stride; null = the exported size",
         "half": "FP16 on CUDA; ignored with a warning on CPU",
         "max_image_pixels": "larger images get HTTP 413; 0 = no limit",
         "warmup": "forward passes when the worker loads",
-        "torch_threads": "torch.set_num_threads; 0 = torch's default",
+        "torch_threads": "torch.set_num_threads; 0 = auto (on CPU: cores / maxWorkers)",
     }
     lines = [
         "# TorchServe model settings (https://github.com/pytorch/serve/blob/master/docs/configuration.md)",

@@ -11,6 +11,7 @@ which ``torch-model-archiver --extra-files`` puts into the model directory).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,19 @@ def select_device(gpu_id: int | None) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_threads(device: torch.device, context) -> int:
+    """The ``torch_threads: 0`` (auto) choice: on CPU, the cores shared among the model's workers.
+
+    TorchServe starts every worker with OMP_NUM_THREADS=1, which leaves cores idle when there are
+    fewer workers than cores. 0 means "leave torch alone" (CUDA, where the GPU does the work).
+    """
+    if device.type != "cpu":
+        return 0
+    yaml = getattr(context, "model_yaml_config", None) or {}
+    workers = yaml.get("maxWorkers") or yaml.get("minWorkers") or 1
+    return max(1, (os.cpu_count() or 1) // max(1, int(workers)))
+
+
 class YoloHandler(BaseHandler):
     def __init__(self) -> None:
         super().__init__()
@@ -56,8 +70,9 @@ class YoloHandler(BaseHandler):
         props = context.system_properties
         config = HandlerConfig.from_dict((getattr(context, "model_yaml_config", None) or {}).get("handler"))
         device = select_device(props.get("gpu_id"))
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+        threads = config.torch_threads or cpu_threads(device, context)
+        if threads:
+            torch.set_num_threads(threads)
         half = config.half
         if half and device.type != "cuda":
             logger.warning("handler.half is true but the worker runs on %s; FP16 is CUDA-only, serving in FP32", device)

@@ -317,3 +317,22 @@ def test_bad_config_fails_at_initialize(pose_export):
 
     with pytest.raises(ValueError, match="not a multiple of the model's max stride 32"):
         YoloHandler().initialize(make_context(pose_export.out_dir, {"imgsz": 600}))
+
+
+# ---------------------------------------------------------------- threads
+
+
+class _YamlContext:
+    def __init__(self, yaml):
+        self.model_yaml_config = yaml
+
+
+@pytest.mark.parametrize("yaml,expected", [({"maxWorkers": 1}, 8), ({"maxWorkers": 3}, 2), ({}, 8), ({"minWorkers": 16}, 1)])
+def test_auto_threads_share_the_cores_among_workers(monkeypatch, yaml, expected):
+    import torch
+
+    from handler.yolo_handler import cpu_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert cpu_threads(torch.device("cpu"), _YamlContext(yaml)) == expected
+    assert cpu_threads(torch.device("cuda:0"), _YamlContext(yaml)) == 0

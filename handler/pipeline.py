@@ -196,8 +196,17 @@ class YoloPipeline:
             torch.cuda.synchronize(self.device)
 
     def warmup(self, runs: int = 2) -> None:
-        """Run a gray image at the configured size through everything (JIT profiling, allocator, cuDNN)."""
+        """Run gray images through everything ``runs`` times (JIT profiling, oneDNN/cuDNN kernel choice,
+        allocator), at the input shapes of common photos: square, 4:3 landscape and portrait, 16:9.
+
+        Each new input shape costs a slow first few calls (measured here: 100-200 ms extra on CPU),
+        so the shapes most requests will have are paid for at load time, not by the first users.
+        """
         h, w = (self.imgsz, self.imgsz) if isinstance(self.imgsz, int) else self.imgsz
-        image = np.full((h, w, 3), 114, np.uint8)
+        aspect = [(h, w)]
+        if self.letterbox_mode == "rect":
+            aspect += [(3 * h // 4, w), (h, 3 * w // 4), (9 * h // 16, w)]
+        images = [np.full((ah, aw, 3), 114, np.uint8) for ah, aw in dict.fromkeys(aspect)]
         for _ in range(runs):
-            self.infer([self.prepare(image)])
+            for image in images:
+                self.infer([self.prepare(image)])

@@ -8,6 +8,8 @@ We do the same from bytes, so served pixels equal ``YOLO.predict(path)`` pixels.
 
 from __future__ import annotations
 
+import warnings
+
 import cv2
 import numpy as np
 
@@ -33,7 +35,7 @@ class ImageTooLargeError(ValueError):
     """The image has more pixels than the configured limit (HTTP 413)."""
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
+def _header_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
     """(width, height) from the file header without decoding pixels, when Pillow is installed."""
     try:
         import io
@@ -42,8 +44,14 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     except ImportError:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as e:  # Pillow refuses > 2 x its MAX_IMAGE_PIXELS from the header
+        if max_pixels > 0:
+            raise ImageTooLargeError(f"image too large: {e}") from None
+        return None
     except Exception:  # noqa: BLE001 - cv2 decides below whether the file is readable
         return None
 
@@ -76,7 +84,7 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = 0) -> n
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageDecodeError("unsupported image type; send JPEG, PNG, WebP, BMP or TIFF", unsupported=True)
-    size = _header_size(data)
+    size = _header_size(data, max_pixels)
     if size is not None:
         _check_pixels(size[0], size[1], max_pixels)
     buf = np.frombuffer(data, np.uint8)

@@ -81,3 +81,13 @@ def test_pixel_limit():
     assert decode_image(data, max_pixels=37 * 53).shape[:2] == (37, 53)
     with pytest.raises(ImageTooLargeError, match="1961 pixels"):
         decode_image(data, max_pixels=37 * 53 - 1)
+
+
+def test_decompression_bomb_is_refused_from_the_header(monkeypatch):
+    from PIL import Image
+
+    data = _pil_bytes(RGB, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 37x53 > 2 x 100: Pillow calls it a bomb
+    with pytest.raises(ImageTooLargeError, match="too large"):
+        decode_image(data, max_pixels=10_000_000)
+    assert decode_image(data, max_pixels=0).shape[:2] == (37, 53)  # 0 = no limit of ours

@@ -77,6 +77,7 @@ def served(export_dir: Path, runs: int, clients: int) -> None:
     """Round trip and throughput of a real TorchServe serving ``export_dir`` as ``yolo``."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import psutil
     import requests
 
     from export.archive import build_archive
@@ -107,11 +108,13 @@ def served(export_dir: Path, runs: int, clients: int) -> None:
         with ThreadPoolExecutor(clients) as pool:
             codes = list(pool.map(send, range(n)))
         rate = n / (time.perf_counter() - t0)
+        rss = sum(psutil.Process(pid).memory_info().rss for pid in server.worker_pids()) / 2**20
     trip.sort()
     stages = {k: round(statistics.median(s[k] for s in speed), 1) for k in speed[0]}
     print(f"served bus.jpg, {runs} sequential requests: round trip median {statistics.median(trip):.1f} ms, "
           f"p90 {trip[int(0.9 * (len(trip) - 1))]:.1f} ms; speed_ms median {stages}")
-    print(f"served {n} requests from {clients} clients: {rate:.1f} images/s, statuses {sorted(set(codes))}")
+    print(f"served {n} requests from {clients} clients: {rate:.1f} images/s, statuses {sorted(set(codes))}; "
+          f"worker RSS {rss:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -68,10 +68,11 @@ def _resolve_source(weights: str) -> Path | None:
         # a bare name such as yolo26n-pose.yaml: the scale letter selects a row of yolo26-pose.yaml's
         # scales, exactly as ultralytics.nn.tasks.yaml_model_load resolves it
         unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", path.stem) + path.suffix
-        try:
-            return Path(check_yaml(unified))
-        except Exception:  # noqa: BLE001 - an unknown name is reported by the caller
-            return None
+        for name in dict.fromkeys((unified, weights)):  # yolov10n.yaml exists as such
+            try:
+                return Path(check_yaml(name))
+            except Exception:  # noqa: BLE001 - an unknown name is reported by the caller
+                continue
     return None
 
 
@@ -114,7 +115,7 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
     head_module = model.model[-1]
     head_type = type(head_module).__name__
     if head_type not in ("Detect", "Pose", "Pose26", "v10Detect"):
-        raise ExportError(f"{weights}: head '{head_type}' is not supported yet (supported: Detect, Pose, Pose26)")
+        raise ExportError(f"{weights}: head {head_type!r} is not supported yet (supported: Detect, v10Detect, Pose, Pose26)")
     if head != "auto":
         if getattr(head_module, "one2one_cv2", None) is None and head == "one2one":
             raise ExportError(f"{weights}: this model has no NMS-free one-to-one head; use --head auto")

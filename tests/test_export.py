@@ -27,6 +27,7 @@ YAML_MODELS = [
     ("yolov8n-pose.yaml", "auto"),
     ("yolo26n-pose.yaml", "auto"),
     ("yolo26n-pose.yaml", "one2one"),
+    ("yolov10n.yaml", "one2one"),  # v10Detect, with its NMS-free head
 ]
 
 

@@ -25,7 +25,7 @@ from export.backbone import RawHead
 from export.checkpoint import LoadedModel, build_yolo
 from handler.decode import decode_image
 from handler.letterbox import LetterboxParams
-from handler.pipeline import Thresholds, YoloPipeline
+from handler.pipeline import Thresholds, YoloPipeline, threshold_tensors
 
 TRACE_TOL = 1e-4
 
@@ -177,19 +177,8 @@ def check_decode(
     ref = ultralytics_reference(loaded, x, [item.params], th, agnostic)[0]
     with torch.no_grad():
         feats = list(pipeline.backbone(x))
-        mask = None
-        if classes is not None:
-            mask = torch.zeros(1, loaded.nc, dtype=torch.bool)
-            mask[0, list(classes)] = True
-        dets, counts = pipeline.postprocess(
-            feats,
-            torch.tensor([item.params.as_row()]),
-            torch.tensor([conf]),
-            torch.tensor([0.7]),
-            torch.tensor([300]),
-            mask,
-            agnostic,
-        )
+        geometry = torch.tensor([item.params.as_row()])
+        dets, counts = pipeline.postprocess(feats, geometry, *threshold_tensors([th], loaded.nc), agnostic)
     ours = dets[0, : int(counts[0])].numpy()
     exact = Tolerance(min_iou=0.999, score=1e-5, keypoint_px=0.01, edge=0.0)
     if len(ours) != len(ref):

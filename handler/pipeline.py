@@ -75,6 +75,24 @@ class StageTimes:
     forwards: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, H, W) of each backbone call
 
 
+def threshold_tensors(
+    thresholds: list[Thresholds], nc: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Per-image thresholds -> the postprocessor's ``conf: float32[B]``, ``iou: float32[B]``,
+    ``max_det: int64[B]`` and ``class_mask: bool[B, nc]`` (None when no image filters classes)."""
+    conf = torch.tensor([t.conf for t in thresholds], dtype=torch.float32)
+    iou = torch.tensor([t.iou for t in thresholds], dtype=torch.float32)
+    max_det = torch.tensor([t.max_det for t in thresholds], dtype=torch.long)
+    class_mask = None
+    if any(t.classes is not None for t in thresholds):
+        class_mask = torch.ones(len(thresholds), nc, dtype=torch.bool)
+        for row, t in enumerate(thresholds):
+            if t.classes is not None:
+                class_mask[row] = False
+                class_mask[row, list(t.classes)] = True
+    return conf, iou, max_det, class_mask
+
+
 def _jit_load(path: Path, device: torch.device) -> tuple[torch.jit.ScriptModule, dict]:
     extra = {METADATA_FILE: ""}
     with warnings.catch_warnings():
@@ -170,18 +188,8 @@ class YoloPipeline:
                 self._sync()
                 t1 = time.perf_counter()
                 geometry = torch.tensor([items[i].params.as_row() for i in idx], dtype=torch.float32)
-                th = [items[i].thresholds for i in idx]
-                conf = torch.tensor([t.conf for t in th], dtype=torch.float32)
-                iou = torch.tensor([t.iou for t in th], dtype=torch.float32)
-                max_det = torch.tensor([t.max_det for t in th], dtype=torch.long)
-                class_mask = None
-                if any(t.classes is not None for t in th):
-                    class_mask = torch.ones(len(idx), self.nc, dtype=torch.bool)
-                    for row, t in enumerate(th):
-                        if t.classes is not None:
-                            class_mask[row] = False
-                            class_mask[row, list(t.classes)] = True
-                dets, counts = self.postprocess(feats, geometry, conf, iou, max_det, class_mask)
+                thresholds = threshold_tensors([items[i].thresholds for i in idx], self.nc)
+                dets, counts = self.postprocess(feats, geometry, *thresholds)
                 dets, counts = dets.cpu(), counts.cpu()
                 t2 = time.perf_counter()
                 for row, i in enumerate(idx):

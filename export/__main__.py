@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "postprocessor (postprocess.pt) and metadata.json, then check them against Ultralytics itself.",
     )
     p.add_argument("--weights", required=True, help="Ultralytics .pt checkpoint, or a model .yaml such as yolo26n-pose.yaml (random weights, seeded)")
-    p.add_argument("--imgsz", type=int, nargs="+", default=[640], metavar="N", help="letterbox target, N or H W; rounded up to the max stride (default 640)")
+    p.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N", help="letterbox target (classify: resize + crop size), N or H W; rounded up to the max stride (default: the checkpoint's training size, as YOLO.predict uses; 640 for a .yaml build)")
     p.add_argument("--name", default="yolo", help="model name: the .mar name and the URL /predictions/NAME (default yolo)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default exports/NAME)")
     p.add_argument(
@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--archive", action="store_true", help="also build MODEL_STORE/NAME.mar with torch-model-archiver")
     p.add_argument("--model-store", type=Path, default=Path("model_store"), help="where --archive writes the .mar (default model_store)")
     args = p.parse_args(argv)
-    if len(args.imgsz) not in (1, 2) or min(args.imgsz) < 1:
-        p.error("--imgsz takes one or two positive integers")
-    args.imgsz = args.imgsz * 2 if len(args.imgsz) == 1 else args.imgsz
+    if args.imgsz is not None:
+        if len(args.imgsz) not in (1, 2) or min(args.imgsz) < 1:
+            p.error("--imgsz takes one or two positive integers")
+        args.imgsz = args.imgsz * 2 if len(args.imgsz) == 1 else args.imgsz
     args.out = args.out or Path("exports") / args.name
     return args
 

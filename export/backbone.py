@@ -6,7 +6,8 @@ Contract of the traced ``backbone.pt``:
   output  tuple of ``nl`` tensors ``[B, no, H / stride_i, W / stride_i]`` with
           ``no = 4 * reg_max + nc + nkpt * kdim``: box logits, class logits, raw keypoints.
 Nothing that depends on H or W (anchors, strides, decode) is inside: that is the postprocessor's
-job, so one trace serves every input size.
+job, so one trace serves every input size. Classify models trace :class:`export.classify.ClassifyLogits`
+instead (contract in ``export/classify.py``); :func:`raw_network` picks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from export.checkpoint import LoadedModel
+from export.classify import ClassifyLogits
 
 
 class RawHead(nn.Module):
@@ -55,9 +57,14 @@ class RawHead(nn.Module):
         return tuple(outs)
 
 
+def raw_network(loaded: LoadedModel) -> nn.Module:
+    """The eager module that ``backbone.pt`` traces: :class:`ClassifyLogits` for classify, else :class:`RawHead`."""
+    return ClassifyLogits(loaded.model) if loaded.task == "classify" else RawHead(loaded)
+
+
 def trace_backbone(loaded: LoadedModel, example_hw: tuple[int, int]) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` of :class:`RawHead` on CPU, fp32, at ``1 x 3 x example_hw``."""
-    wrapper = RawHead(loaded).eval()
+    """``torch.jit.trace`` of :func:`raw_network` on CPU, fp32, at ``1 x 3 x example_hw``."""
+    wrapper = raw_network(loaded).eval()
     example = torch.rand(1, 3, *example_hw)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)  # torch.jit.* deprecation notices in torch 2.14

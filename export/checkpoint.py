@@ -15,7 +15,7 @@ from torch import nn
 from export.postprocess import KPT_DECODE_NONE, KPT_DECODE_POSE, KPT_DECODE_POSE26
 
 HeadChoice = Literal["auto", "one2many", "one2one"]
-SUPPORTED_TASKS = ("detect", "pose")
+SUPPORTED_TASKS = ("detect", "pose", "classify")
 
 
 class ExportError(Exception):
@@ -29,8 +29,8 @@ class LoadedModel:
     source: str  # the --weights argument as given
     path: Path  # the file it resolved to
     seed: int  # seed of a YAML build
-    model: nn.Module  # ultralytics DetectionModel / PoseModel, fused
-    task: str  # "detect" | "pose"
+    model: nn.Module  # ultralytics DetectionModel / PoseModel / ClassificationModel, fused
+    task: str  # "detect" | "pose" | "classify"
     names: list[str]  # class names, index = class id
     strides: list[float]  # per detection level, e.g. [8, 16, 32]
     reg_max: int
@@ -39,6 +39,7 @@ class LoadedModel:
     kpt_decode: int  # one of export.postprocess.KPT_DECODE_*
     head_type: str  # "Detect", "Pose", "Pose26", ...
     weights_sha256: str  # of the .pt or .yaml file
+    predict_imgsz: int | list[int] | None = None  # the imgsz YOLO(weights).predict() uses (checkpoint args or 640)
 
     @property
     def nc(self) -> int:
@@ -111,6 +112,8 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
     task = yolo.task
     if task not in SUPPORTED_TASKS:
         raise ExportError(f"{weights}: task '{task}' is not supported yet (supported: {', '.join(SUPPORTED_TASKS)})")
+    if task == "classify":
+        return _classifier(yolo, weights, src, seed)
     model = yolo.model
     head_module = model.model[-1]
     head_type = type(head_module).__name__
@@ -145,4 +148,40 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
         kpt_decode=kpt_decode,
         head_type=head_type,
         weights_sha256=sha256_of(src),
+        predict_imgsz=_predict_imgsz(yolo),
+    )
+
+
+def _predict_imgsz(yolo) -> int | list[int]:
+    """The ``imgsz`` that ``YOLO(weights).predict()`` uses: the checkpoint's training size, else the default 640."""
+    from ultralytics.utils import DEFAULT_CFG
+
+    return yolo.overrides.get("imgsz") or DEFAULT_CFG.imgsz
+
+
+def _classifier(yolo, weights: str, src: Path, seed: int) -> LoadedModel:
+    """A fused ``ClassificationModel`` with a YOLO ``Classify`` head (torchvision backbones are not supported)."""
+    head_type = type(yolo.model.model[-1]).__name__
+    if head_type != "Classify":
+        raise ExportError(f"{weights}: classify head {head_type!r} is not supported (supported: Classify)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = yolo.model.float().eval().fuse(verbose=False)
+    names = model.names
+    names = [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else [str(n) for n in names]
+    return LoadedModel(
+        source=weights,
+        path=src,
+        seed=seed,
+        model=model,
+        task="classify",
+        names=names,
+        strides=[float(s) for s in model.stride],  # [1.0]: no constraint; max_stride 32, as AutoBackend's
+        reg_max=0,
+        end2end=False,
+        kpt_shape=None,
+        kpt_decode=KPT_DECODE_NONE,
+        head_type=head_type,
+        weights_sha256=sha256_of(src),
+        predict_imgsz=_predict_imgsz(yolo),
     )

@@ -14,10 +14,12 @@ import torch
 
 from export.backbone import trace_backbone
 from export.checkpoint import HeadChoice, LoadedModel, load_model
+from export.classify import ClassifyPostprocess
 from export.metadata import build_metadata, to_json
 from export.postprocess import YoloPostprocess
 from export import verify
 from handler.decode import decode_image
+from handler.classify import ClassifyPipeline
 from handler.pipeline import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, YoloPipeline
 
 
@@ -48,8 +50,10 @@ def _quiet_jit() -> Iterator[None]:
 
 
 def script_postprocessor(loaded: LoadedModel) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` of :class:`YoloPostprocess` configured for ``loaded``."""
+    """``torch.jit.script`` of :class:`YoloPostprocess` (classify: :class:`ClassifyPostprocess`) for ``loaded``."""
     with _quiet_jit():
+        if loaded.task == "classify":
+            return torch.jit.script(ClassifyPostprocess(loaded.nc))
         return torch.jit.script(
             YoloPostprocess(
                 loaded.nc, loaded.reg_max, loaded.strides, loaded.end2end, loaded.kpt_shape or (0, 0), loaded.kpt_decode
@@ -75,7 +79,7 @@ def sample_images() -> list[Path]:
 def export_model(
     weights: str,
     out_dir: Path,
-    imgsz: list[int],
+    imgsz: list[int] | None,
     name: str = "yolo",
     head: HeadChoice = "auto",
     letterbox: str = "rect",
@@ -86,6 +90,9 @@ def export_model(
     steps: list[tuple[str, float]] = []
     with _step(steps, f"load {weights}", log):
         loaded = load_model(weights, head=head, seed=seed)
+    if imgsz is None:  # what YOLO(weights).predict() uses: the checkpoint's training size, else 640
+        default = loaded.predict_imgsz
+        imgsz = [default, default] if isinstance(default, int) else list(default)
     imgsz = round_imgsz(imgsz, loaded.max_stride, log)
     log(
         f"  task={loaded.task} head={loaded.head_type} nc={loaded.nc} reg_max={loaded.reg_max} "
@@ -111,7 +118,7 @@ def export_model(
 def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> None:
     """Run the three checks of ``export/verify.py`` on the files just written."""
     loaded, steps = result.loaded, result.steps
-    pipeline = YoloPipeline.from_dir(result.out_dir)
+    pipeline = (ClassifyPipeline if loaded.task == "classify" else YoloPipeline).from_dir(result.out_dir)
     h, w = pipeline.imgsz
     stride = loaded.max_stride
     shapes = [(1, h, w), (2, max(stride, h // 2 // stride * stride), w)]
@@ -119,9 +126,22 @@ def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> N
         diff = verify.check_trace(loaded, pipeline.backbone, shapes)
     log(f"    max abs diff {diff:.2e}")
     images = sample_images()
+    if loaded.task == "classify":
+        verify_classify(loaded, pipeline, images, steps, log)
+        return
     with _step(steps, "check decode == Ultralytics decode+NMS", log):
         n = [verify.check_decode(loaded, pipeline, decode_image(p.read_bytes())) for p in images]
     log(f"    {sum(n)} detections compared at a low threshold")
     with _step(steps, "check pipeline == YOLO.predict", log):
         n = [verify.check_predict(loaded, pipeline, p) for p in images]
     log(f"    {', '.join(f'{p.name}: {k}' for p, k in zip(images, n))} detections matched")
+
+
+def verify_classify(loaded: LoadedModel, pipeline: ClassifyPipeline, images: list[Path], steps, log) -> None:
+    """The classify halves of checks 2 and 3: softmax top-k == Ultralytics' head, pipeline == ``results.probs``."""
+    with _step(steps, "check preprocess + softmax == Ultralytics", log):
+        diffs = [verify.check_classify_decode(loaded, pipeline, p) for p in images]
+    log(f"    max |dp| {max(diffs):.2e} over all classes")
+    with _step(steps, "check pipeline == YOLO.predict results.probs", log):
+        diffs = [verify.check_classify_predict(loaded, pipeline, p) for p in images]
+    log(f"    {', '.join(f'{p.name}: top-5 equal, max |dp| {d:.2e}' for p, d in zip(images, diffs))}")

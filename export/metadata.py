@@ -27,13 +27,21 @@ def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: 
         "max_stride": loaded.max_stride,
         "reg_max": loaded.reg_max,
         "end2end": loaded.end2end,
-        "head": "one2one (NMS-free top-k)" if loaded.end2end else "one2many (NMS)",
+        "head": _head(loaded),
         "head_type": loaded.head_type,
         "imgsz": imgsz,  # [h, w] letterbox target
-        "letterbox": letterbox,  # "rect" (minimal padding, as YOLO.predict) or "square"
+        # "rect" (minimal padding, as YOLO.predict) or "square"; None for classify, which is resized and
+        # center-cropped instead (handler/preprocess.py picks the transform from the task)
+        "letterbox": None if loaded.task == "classify" else letterbox,
         "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__},
         "weights": {"file": loaded.path.name, "sha256": loaded.weights_sha256},
     }
+
+
+def _head(loaded: LoadedModel) -> str:
+    if loaded.task == "classify":
+        return "Classify (softmax top-k)"
+    return "one2one (NMS-free top-k)" if loaded.end2end else "one2many (NMS)"
 
 
 def to_json(metadata: dict) -> str:

@@ -9,6 +9,10 @@ Three checks, each raising :class:`VerificationError` that names the worst misma
    models are checked too.
 3. :func:`check_predict`: the served pipeline (file bytes -> decode -> letterbox -> backbone ->
    postprocessor) vs ``YOLO(weights).predict(file)`` with default settings.
+
+Classify models replace 2 and 3 by :func:`check_classify_decode` (our resize + crop pixels == the
+predictor's, our softmax == the ``Classify`` head's) and :func:`check_classify_predict` (top-5 of the
+served pipeline == ``results.probs``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from export.backbone import RawHead
+from export.backbone import RawHead, raw_network
 from export.checkpoint import LoadedModel, build_yolo
+from handler.classify import ClassifyPipeline, TopK
 from handler.decode import decode_image
 from handler.letterbox import LetterboxParams
 from handler.pipeline import Thresholds, YoloPipeline, threshold_tensors
@@ -91,8 +96,8 @@ def _raise_if(problems: list[str], what: str) -> None:
 
 
 def check_trace(loaded: LoadedModel, traced: torch.jit.ScriptModule, shapes: list[tuple[int, int, int]]) -> float:
-    """Traced vs eager raw head outputs at each ``(B, H, W)``; returns the max abs diff."""
-    eager = RawHead(loaded).eval()
+    """Traced vs eager raw head outputs (classify: logits) at each ``(B, H, W)``; returns the max abs diff."""
+    eager = raw_network(loaded).eval()
     worst, where = 0.0, ""
     for b, h, w in shapes:
         x = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(h * w + b))
@@ -213,3 +218,57 @@ def check_predict(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path)
     tol = Tolerance()
     _raise_if(compare_detections(ours, ref, Thresholds().conf, tol), f"predict check on {Path(image_path).name}")
     return len(ref)
+
+
+CLASSIFY_EXACT = 1e-5  # same input tensor, our softmax vs the head's
+CLASSIFY_PROB_TOL = 1e-3  # issue 4: |dp| of the top-5 against results.probs
+
+
+def check_classify_decode(loaded: LoadedModel, pipeline: ClassifyPipeline, image_path: Path) -> float:
+    """Our resize + crop vs the predictor's (pixel-exact), then the same input through our backbone +
+    softmax top-k and through the eager model's ``Classify`` head (softmax). Returns the max |dp|
+    over all classes."""
+    import torchvision.transforms as T
+    from PIL import Image
+    from ultralytics.data.augment import classify_transforms
+
+    image = decode_image(Path(image_path).read_bytes())
+    item = pipeline.prepare(image, TopK(loaded.nc))
+    host = T.Compose(classify_transforms(pipeline.imgsz).transforms[:2])  # what ClassificationPredictor.pre_transform runs
+    ref_pixels = np.array(host(Image.fromarray(image)))
+    if ref_pixels.shape != item.pixels.shape or not np.array_equal(ref_pixels, item.pixels):
+        where = "shape" if ref_pixels.shape != item.pixels.shape else "pixel values"
+        raise VerificationError(f"classify transform on {Path(image_path).name}: {where} differ from Ultralytics'")
+    x = pipeline.to_input([item.pixels])
+    with torch.no_grad():
+        ref = loaded.model(x)[0][0]  # eval-mode Classify head: (softmax [B, nc], logits) -> [nc]
+        scores, class_ids, counts = pipeline.postprocess(list(pipeline.backbone(x)), torch.tensor([loaded.nc]))
+    if int(counts[0]) != loaded.nc:
+        raise VerificationError(f"classify decode: {int(counts[0])} classes returned for top_k = nc = {loaded.nc}")
+    ours = torch.zeros_like(ref).scatter_(0, class_ids[0], scores[0])  # back to class order
+    diff = float((ours - ref).abs().max())
+    if diff > CLASSIFY_EXACT:
+        raise VerificationError(f"classify decode on {Path(image_path).name}: max |dp| {diff:.2e} > {CLASSIFY_EXACT:.0e}")
+    return diff
+
+
+def check_classify_predict(loaded: LoadedModel, pipeline: ClassifyPipeline, image_path: Path, k: int = 5) -> float:
+    """Served pipeline vs ``YOLO(weights).predict(file).probs``: the top-``k`` class ids in the same
+    order and each probability within :data:`CLASSIFY_PROB_TOL`. Returns the max |dp| of the top-k."""
+    image = decode_image(Path(image_path).read_bytes())
+    top = pipeline.infer([pipeline.prepare(image, TopK(k))])[0][0]  # [k, 2] (class_id, score)
+    yolo = build_yolo(loaded.source, loaded.path, loaded.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probs = yolo.predict(str(image_path), imgsz=pipeline.imgsz, verbose=False)[0].probs
+    data = probs.data.float().cpu()
+    ref_ids = torch.as_tensor(probs.top5 if k == 5 else (-data).argsort(0)[:k].tolist())  # Probs.top5's own order
+    ref_p = data[ref_ids]
+    ours_ids, ours_p = top[:, 0].long(), top[:, 1]
+    name = Path(image_path).name
+    if ours_ids.tolist() != ref_ids.tolist():
+        raise VerificationError(f"classify predict on {name}: top-{k} {ours_ids.tolist()} != Ultralytics' {ref_ids.tolist()}")
+    diff = float((ours_p - ref_p).abs().max())
+    if diff > CLASSIFY_PROB_TOL:
+        raise VerificationError(f"classify predict on {name}: |dp| {diff:.2e} > {CLASSIFY_PROB_TOL:.0e}")
+    return diff

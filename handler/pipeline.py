@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from handler.letterbox import LETTERBOX_MODES, LetterboxParams, letterbox
+from handler.preprocess import ImageParams, image_transform
 
 CONTRACT_VERSION = 1  # must equal export.postprocess.CONTRACT_VERSION of the files we load
 METADATA_FILE = "metadata.json"  # key in the TorchScript _extra_files, and the file export writes
@@ -59,10 +59,11 @@ class Thresholds:
 
 @dataclass
 class Prepared:
-    """One letterboxed image, ready to batch: ``pixels: uint8[H, W, 3]`` BGR, and its geometry."""
+    """One letterboxed (classify: resized and cropped) image, ready to batch: ``pixels: uint8[H, W, 3]``
+    BGR, its geometry, and its per-request options (``handler.classify.TopK`` for classify models)."""
 
     pixels: np.ndarray
-    params: LetterboxParams
+    params: ImageParams
     thresholds: Thresholds
 
 
@@ -143,8 +144,7 @@ class YoloPipeline:
         self.stride = int(metadata["max_stride"])
         self.imgsz = imgsz if imgsz is not None else metadata["imgsz"]
         self.letterbox_mode = letterbox_mode or metadata["letterbox"]
-        if self.letterbox_mode not in LETTERBOX_MODES:
-            raise ValueError(f"letterbox must be one of {LETTERBOX_MODES}, got {self.letterbox_mode!r}")
+        self.transform = image_transform(metadata["task"], self.imgsz, self.stride, self.letterbox_mode)
         self.backbone = backbone.half() if half else backbone
         self.postprocess = postprocess
 
@@ -158,8 +158,8 @@ class YoloPipeline:
         return len(self.names)
 
     def prepare(self, image: np.ndarray, thresholds: Thresholds = Thresholds()) -> Prepared:
-        """Letterbox one ``uint8[H, W, 3]`` BGR image."""
-        pixels, params = letterbox(image, self.imgsz, self.stride, self.letterbox_mode)
+        """Letterbox (classify: resize and crop) one ``uint8[H, W, 3]`` BGR image."""
+        pixels, params = self.transform(image)
         return Prepared(pixels, params, thresholds.validate(self.nc))
 
     def to_input(self, pixels: list[np.ndarray]) -> Tensor:

@@ -2,6 +2,7 @@
 
     python -m handler.client bus.jpg --save bus.annotated.jpg
     python -m handler.client bus.jpg --conf 0.5 --classes person --url http://127.0.0.1:8080/predictions/yolo
+    python -m handler.client bus.jpg --top-k 3 --save bus.top3.jpg          # a classify model
 
 The inference token comes from TorchServe's ``key_file.json`` (written in the directory TorchServe
 was started from). Parameters travel as multipart form fields next to the image, which TorchServe
@@ -49,10 +50,25 @@ def _color(class_id: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(64, 256, 3))
 
 
+def _draw_top(out: np.ndarray, top: list[dict], thick: int) -> np.ndarray:
+    """A classify response's ``top`` labels, one line each, in the image's top-left corner (drawn in place)."""
+    scale, y = thick / 2.5, 0
+    for entry in top:
+        label = f"{entry['class_name']} {entry['score']:.3f}"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, thick - 1))
+        cv2.rectangle(out, (0, y), (tw + 2 * thick, y + th + base + thick), _color(entry["class_id"]), -1)
+        cv2.putText(out, label, (thick, y + th + thick // 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(1, thick - 1), cv2.LINE_AA)
+        y += th + base + thick
+    return out
+
+
 def draw(image: np.ndarray, result: dict) -> np.ndarray:
-    """Boxes, labels and (pose models) the COCO skeleton on a copy of ``image: uint8[H, W, 3]`` BGR."""
+    """Boxes, labels and (pose models) the COCO skeleton on a copy of ``image: uint8[H, W, 3]`` BGR;
+    for a classify response, its top-k labels and scores."""
     out = image.copy()
     thick = max(1, round(sum(out.shape[:2]) / 600))
+    if "top" in result:
+        return _draw_top(out, result["top"], thick)
     for det in result["detections"]:
         x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
         color = _color(det["class_id"])
@@ -85,14 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iou", type=float, help="NMS IoU threshold for this request")
     p.add_argument("--max-det", type=int, help="detections to return at most")
     p.add_argument("--classes", help="comma-separated class ids or names, e.g. person,0")
-    p.add_argument("--save", type=Path, help="write the image with the detections drawn on it")
+    p.add_argument("--top-k", type=int, help="classify models: how many classes to return (default 5)")
+    p.add_argument("--save", type=Path, help="write the image with the detections (classify: the top-k labels) drawn on it")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = args.image.read_bytes()
-    params = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "classes": args.classes}
+    params = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "classes": args.classes, "top_k": args.top_k}
     r = predict(data, args.url, load_token(args.key_file), params)
     try:
         body = r.json()

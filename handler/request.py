@@ -1,5 +1,8 @@
 """One TorchServe request row -> (encoded image bytes, :class:`Thresholds`), or a :class:`RequestError`.
 
+(Classify models: :class:`handler.classify.TopK` instead of :class:`Thresholds`; their one parameter is
+``top_k``, and the detection parameters are a 400 there, as ``top_k`` is on a detect or pose model.)
+
 How TorchServe hands a request to ``handle()`` (one dict per request, "row"):
 
 * raw body (``Content-Type: image/*`` or ``application/octet-stream``): ``{"body": bytearray}``;
@@ -23,11 +26,14 @@ import binascii
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+from handler.classify import TopK
 from handler.errors import InvalidImage, InvalidParameter, RequestError, UnsupportedMediaType
 from handler.pipeline import Prepared, Thresholds
 
 IMAGE_FIELDS: tuple[str, ...] = ("image", "data", "file")  # multipart fields that may carry the image
-PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes")
+DETECTION_PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes")
+CLASSIFY_PARAMETERS: tuple[str, ...] = ("top_k",)
+PARAMETERS: tuple[str, ...] = DETECTION_PARAMETERS + CLASSIFY_PARAMETERS
 # Query parameters TorchServe itself uses for routing (``POST /invocations?model_name=yolo``).
 ROUTING_KEYS: tuple[str, ...] = ("model_name",)
 _HOW_TO_SEND = (
@@ -41,7 +47,7 @@ class PreparedRequest:
     """A request of the batch that passed parsing and decoding, waiting for the batched forward."""
 
     idx: int  # position in the TorchServe batch
-    prepared: Prepared  # letterboxed pixels, geometry, thresholds
+    prepared: Prepared  # letterboxed (or cropped) pixels, geometry, thresholds (or top-k)
     width: int  # original image size
     height: int
     preprocess_ms: float  # parse + decode + letterbox of this request
@@ -100,8 +106,26 @@ def parse_classes(value: Any, names: Sequence[str]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))  # unique, in the given order
 
 
+def _only(params: dict[str, Any], allowed: tuple[str, ...], why: str) -> None:
+    """A parameter of the other kind of model is a 400 that says which ones this model takes."""
+    other = [k for k in PARAMETERS if k in params and k not in allowed]
+    if other:
+        raise InvalidParameter(f"parameter(s) {other} {why}; this model's parameters are {list(allowed)}")
+
+
+def top_k_from(params: dict[str, Any], defaults: TopK, names: Sequence[str]) -> TopK:
+    """A classify model's ``top_k`` over the default; detection parameters are an error."""
+    _only(params, CLASSIFY_PARAMETERS, "filter detections and do not apply to a classify model")
+    t = TopK(_int("top_k", params["top_k"])) if "top_k" in params else defaults
+    try:
+        return t.validate(len(names))
+    except ValueError as e:
+        raise InvalidParameter(str(e)) from None
+
+
 def thresholds_from(params: dict[str, Any], defaults: Thresholds, names: Sequence[str]) -> Thresholds:
     """Apply request parameters over the configured defaults and range-check the result."""
+    _only(params, DETECTION_PARAMETERS, "apply to classify models only")
     t = defaults
     if "conf" in params:
         t = replace(t, conf=_float("conf", params["conf"]))
@@ -129,9 +153,9 @@ def _decode_base64(value: Any) -> bytes:
 
 
 def parse_request(
-    row: dict, defaults: Thresholds, names: Sequence[str], content_type: str | None = None
-) -> tuple[bytes, Thresholds]:
-    """Split one request row into the encoded image and its thresholds.
+    row: dict, defaults: Thresholds | TopK, names: Sequence[str], content_type: str | None = None
+) -> tuple[bytes, Thresholds | TopK]:
+    """Split one request row into the encoded image and its thresholds (``TopK`` when ``defaults`` is one).
 
     ``content_type`` is the request's Content-Type when known; it only sharpens error messages
     (TorchServe passes invalid JSON on as bytes).
@@ -150,6 +174,8 @@ def parse_request(
         raise InvalidImage(f"the request has no image; {_HOW_TO_SEND}")
     if unknown:
         raise InvalidParameter(f"unknown parameter(s) {sorted(unknown)}; the parameters are {list(PARAMETERS)}")
+    if isinstance(defaults, TopK):
+        return image, top_k_from(params, defaults, names)
     return image, thresholds_from(params, defaults, names)
 
 

@@ -1,7 +1,8 @@
-"""TorchServe handler for exported Ultralytics YOLO detect and pose models.
+"""TorchServe handler for exported Ultralytics YOLO detect, pose and classify models.
 
 Thin on purpose: request parsing is ``handler/request.py``, decoding ``handler/decode.py``,
-letterbox + batching + the two TorchScript files ``handler/pipeline.py``, the JSON
+letterbox + batching + the two TorchScript files ``handler/pipeline.py`` (classify models:
+``handler/classify.py``; :func:`task_parts` is the one place that picks by task), the JSON
 ``handler/response.py``, the settings ``handler/config.py`` and the status codes
 ``handler/errors.py``. It imports neither ultralytics nor ``export``: the worker runs from the
 ``.mar`` alone (``backbone.pt``, ``postprocess.pt``, ``metadata.json`` and this ``handler/`` package,
@@ -21,10 +22,11 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.classify import ClassifyPipeline, TopK, classify_json
 from handler.config import HandlerConfig
 from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
-from handler.pipeline import Prepared, Thresholds, YoloPipeline
+from handler.pipeline import Prepared, Thresholds, YoloPipeline, load_artifacts
 from handler.request import PreparedRequest, parse_request
 from handler.response import ModelInfo, image_json
 
@@ -57,13 +59,21 @@ def cpu_threads(device: torch.device, context) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, int(workers)))
 
 
+def task_parts(task: str, config: HandlerConfig):
+    """The task dispatch: ``(pipeline class, per-request defaults, response builder)`` for ``task``."""
+    if task == "classify":
+        return ClassifyPipeline, TopK(), classify_json
+    return YoloPipeline, Thresholds(conf=config.conf, iou=config.iou, max_det=config.max_det), image_json
+
+
 class YoloHandler(BaseHandler):
     def __init__(self) -> None:
         super().__init__()
         self.pipeline: YoloPipeline | None = None
         self.config: HandlerConfig | None = None
-        self.defaults = Thresholds()
+        self.defaults: Thresholds | TopK = Thresholds()
         self.info: ModelInfo | None = None
+        self.to_json = image_json
 
     def initialize(self, context) -> None:
         """Load both TorchScript files from the model directory; do not let BaseHandler load anything."""
@@ -78,8 +88,12 @@ class YoloHandler(BaseHandler):
             logger.warning("handler.half is true but the worker runs on %s; FP16 is CUDA-only, serving in FP32", device)
             half = False
         t0 = time.perf_counter()
-        pipeline = YoloPipeline.from_dir(
-            props["model_dir"],
+        backbone, postprocess, meta = load_artifacts(props["model_dir"], device)
+        pipeline_cls, defaults, to_json = task_parts(meta["task"], config)
+        pipeline = pipeline_cls(
+            backbone,
+            postprocess,
+            meta,
             device,
             half=half,
             imgsz=list(config.imgsz) if config.imgsz else None,
@@ -104,12 +118,12 @@ class YoloHandler(BaseHandler):
             Path(sys.modules[YoloPipeline.__module__].__file__).parent,
         )
         self.config, self.pipeline, self.device = config, pipeline, device
-        self.defaults = Thresholds(conf=config.conf, iou=config.iou, max_det=config.max_det)
+        self.defaults, self.to_json = defaults, to_json
         self.context = context
         self.initialized = True
 
     def handle(self, data: list, context) -> list:
-        """One response per request: detections, or ``{"error": ...}`` with that request's 4xx."""
+        """One response per request: detections (classify: top classes), or ``{"error": ...}`` with that request's 4xx."""
         results: list[dict | None] = [None] * len(data)
         items: list[PreparedRequest] = []
         for idx, row in enumerate(data):
@@ -145,7 +159,7 @@ class YoloHandler(BaseHandler):
         n = len(items)
         for it, dets in zip(items, outputs):
             speed = {"preprocess": it.preprocess_ms, "inference": times.inference / n, "postprocess": times.postprocess / n}
-            results[it.idx] = image_json(dets, it.width, it.height, self.info, speed)
+            results[it.idx] = self.to_json(dets, it.width, it.height, self.info, speed)
         _record(context, METRIC_PREPROCESS, sum(it.preprocess_ms for it in items))
         _record(context, METRIC_INFERENCE, times.inference)
         _record(context, METRIC_POSTPROCESS, times.postprocess)

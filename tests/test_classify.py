@@ -243,3 +243,21 @@ def test_client_draws_the_top_labels(sample_images):
     assert out.shape == image.shape and not np.array_equal(out, image)
     changed = np.argwhere((out != image).any(2))
     assert changed[:, 0].max() < image.shape[0] // 4 and changed[:, 1].max() < image.shape[1] // 2  # top-left corner
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("half", [False, True])
+def test_cuda_classify_matches_results_probs(cls_export, sample_images, half):
+    pipeline = ClassifyPipeline.from_dir(cls_export.out_dir, device="cuda:0", half=half)
+    for path in sample_images:
+        if not half:
+            assert check_classify_predict(cls_export.loaded, pipeline, path) <= CLASSIFY_PROB_TOL
+            continue
+        # FP16: random-weight probabilities are ~1/nc apart by ~1e-7, so only the values are compared
+        top = pipeline.infer([pipeline.prepare(decode_image(path.read_bytes()), TopK(5))])[0][0]
+        from export.checkpoint import build_yolo
+
+        yolo = build_yolo(cls_export.loaded.source, cls_export.loaded.path, cls_export.loaded.seed)
+        probs = yolo.predict(str(path), imgsz=pipeline.imgsz, verbose=False, device="cpu")[0].probs.data.cpu()
+        assert float((top[:, 1] - probs[top[:, 0].long()]).abs().max()) <= CLASSIFY_PROB_TOL

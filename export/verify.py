@@ -233,7 +233,7 @@ def check_classify_decode(loaded: LoadedModel, pipeline: ClassifyPipeline, image
     from ultralytics.data.augment import classify_transforms
 
     image = decode_image(Path(image_path).read_bytes())
-    item = pipeline.prepare(image, TopK(loaded.nc))
+    item = pipeline.prepare(image, TopK(1))  # the pixels; the postprocessor is asked for all nc classes below
     host = T.Compose(classify_transforms(pipeline.imgsz).transforms[:2])  # what ClassificationPredictor.pre_transform runs
     ref_pixels = np.array(host(Image.fromarray(image)))
     if ref_pixels.shape != item.pixels.shape or not np.array_equal(ref_pixels, item.pixels):

@@ -52,7 +52,14 @@ def script_postprocessor(loaded: LoadedModel) -> torch.jit.ScriptModule:
     with _quiet_jit():
         return torch.jit.script(
             YoloPostprocess(
-                loaded.nc, loaded.reg_max, loaded.strides, loaded.end2end, loaded.kpt_shape or (0, 0), loaded.kpt_decode
+                loaded.nc,
+                loaded.reg_max,
+                loaded.strides,
+                loaded.end2end,
+                loaded.kpt_shape or (0, 0),
+                loaded.kpt_decode,
+                loaded.nm,
+                loaded.angle_decode,
             )
         )
 

@@ -178,7 +178,7 @@ def check_decode(
     with torch.no_grad():
         feats = list(pipeline.backbone(x))
         geometry = torch.tensor([item.params.as_row()])
-        dets, counts = pipeline.postprocess(feats, geometry, *threshold_tensors([th], loaded.nc), agnostic)
+        dets, counts, _ = pipeline.postprocess(feats, geometry, *threshold_tensors([th], loaded.nc), agnostic)
     ours = dets[0, : int(counts[0])].numpy()
     exact = Tolerance(min_iou=0.999, score=1e-5, keypoint_px=0.01, edge=0.0)
     if len(ours) != len(ref):

@@ -187,7 +187,7 @@ def test_no_detections_gives_zero_padding_and_zero_counts(end2end):
     m = _module(end2end)
     feats = _feats(2, 64, 96, 64 + 3, fill=-20.0)  # every class logit -20: sigmoid ~2e-9
     geometry = torch.tensor([[0.0, 0.0, 1.0, 1.0, 96.0, 64.0]] * 2)
-    dets, counts = m(feats, geometry, torch.tensor([0.25, 0.25]), torch.tensor([0.7, 0.7]), torch.tensor([7, 3]))
+    dets, counts, _ = m(feats, geometry, torch.tensor([0.25, 0.25]), torch.tensor([0.7, 0.7]), torch.tensor([7, 3]))
     assert dets.shape == (2, 7, 6) and dets.dtype == torch.float32
     assert counts.tolist() == [0, 0]
     assert not dets.any()
@@ -199,7 +199,7 @@ def test_output_shape_counts_and_inverse_letterbox():
     feats = _feats(2, 64, 96, 64 + 1 + 51)
     # image 0: 192x128 original, scaled by 0.5, padded 0; image 1: 96x64 with 10/6 px padding
     geometry = torch.tensor([[0.0, 0.0, 0.5, 0.5, 192.0, 128.0], [10.0, 6.0, 1.0, 1.0, 76.0, 52.0]])
-    dets, counts = m(feats, geometry, torch.tensor([0.0, 0.0]), torch.tensor([0.7, 0.7]), torch.tensor([50, 4]))
+    dets, counts, _ = m(feats, geometry, torch.tensor([0.0, 0.0]), torch.tensor([0.7, 0.7]), torch.tensor([50, 4]))
     assert dets.shape == (2, 50, 6 + 51)
     assert counts[1] == 4 and counts[0] > 4
     for b, (w, h) in enumerate([(192, 128), (76, 52)]):
@@ -219,8 +219,8 @@ def test_per_image_thresholds_and_class_mask_are_independent():
     two = [torch.cat((f, f)) for f in one]
     geometry = torch.tensor([[0.0, 0.0, 1.0, 1.0, 64.0, 64.0]] * 2)
     mask = torch.tensor([[True, True, True], [False, True, False]])
-    dets, counts = m(two, geometry, torch.tensor([0.1, 0.3]), torch.tensor([0.7, 0.5]), torch.tensor([300, 300]), mask)
-    alone, n = m(one, geometry[:1], torch.tensor([0.1]), torch.tensor([0.7]), torch.tensor([300]))
+    dets, counts, _ = m(two, geometry, torch.tensor([0.1, 0.3]), torch.tensor([0.7, 0.5]), torch.tensor([300, 300]), mask)
+    alone, n, _ = m(one, geometry[:1], torch.tensor([0.1]), torch.tensor([0.7]), torch.tensor([300]))
     assert torch.equal(dets[0, : counts[0]], alone[0, : n[0]])
     rest = dets[1, : counts[1]]
     assert counts[1] > 0 and (rest[:, 5] == 1).all() and (rest[:, 4] > 0.3).all()
@@ -255,7 +255,7 @@ def test_postprocess_pt_loads_without_ultralytics_or_torchvision(tmp_path):
         warnings.simplefilter('ignore', FutureWarning)
         m = torch.jit.load({str(path)!r})
         feats = [torch.randn(1, 64 + 3 + 51, 64 // s, 64 // s) for s in (8, 16, 32)]
-        d, n = m(feats, torch.tensor([[0., 0., 1., 1., 64., 64.]]), torch.tensor([0.0]), torch.tensor([0.7]),
+        d, n, _ = m(feats, torch.tensor([[0., 0., 1., 1., 64., 64.]]), torch.tensor([0.0]), torch.tensor([0.7]),
                  torch.tensor([10]))
         assert d.shape == (1, 10, 57) and int(n[0]) == 10, (d.shape, n)
         assert 'torchvision' not in sys.modules and 'ultralytics' not in sys.modules

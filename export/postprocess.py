@@ -281,7 +281,7 @@ def nms_rotated(rboxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: 
     n = rboxes.shape[0]
     if n == 0 or max_keep <= 0:
         return torch.zeros(0, dtype=torch.long, device=rboxes.device)
-    order = torch.sort(scores, descending=True, stable=True)[1]
+    order = torch.argsort(scores, descending=True)  # Ultralytics' (unstable) order: the same winners among ties
     rboxes = rboxes[order]
     cols = torch.arange(n, device=rboxes.device).view(1, n)
     suppressed = torch.zeros(n, dtype=torch.bool, device=rboxes.device)

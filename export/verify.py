@@ -243,26 +243,29 @@ def check_decode(
     return len(ref)
 
 
-def ultralytics_predict(loaded: LoadedModel, image_path: Path, imgsz, rect: bool = True) -> np.ndarray:
+def ultralytics_predict(
+    loaded: LoadedModel, image_path: Path, imgsz, rect: bool = True, conf: float = Thresholds().conf
+) -> np.ndarray:
     """``YOLO(weights).predict(image_path)`` with default settings, as rows of our contract."""
-    return ultralytics_predict_with_masks(loaded, image_path, imgsz, rect)[0]
+    return ultralytics_predict_with_masks(loaded, image_path, imgsz, rect, conf)[0]
 
 
 def ultralytics_predict_with_masks(
-    loaded: LoadedModel, image_path: Path, imgsz, rect: bool = True
+    loaded: LoadedModel, image_path: Path, imgsz, rect: bool = True, conf: float = Thresholds().conf
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``YOLO(weights).predict(image_path)`` with default settings, as rows of our contract, and for a
     segment model its ``results.masks`` mapped to the original size the way Ultralytics maps them
     (``scale_masks`` from the letterboxed input, threshold 0.5).
 
-    ``rect=True`` is predict's own default (minimal padding); ``rect=False`` pads to the full square."""
+    ``rect=True`` is predict's own default (minimal padding); ``rect=False`` pads to the full square;
+    ``conf`` is predict's score threshold (a random-weight model needs a low one)."""
     from ultralytics.utils import ops
 
     yolo = build_yolo(loaded.source, loaded.path, loaded.seed)
     yolo.model.end2end = loaded.end2end  # the head the export uses (AutoBackend keeps it)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = yolo.predict(str(image_path), imgsz=imgsz, rect=rect, verbose=False)[0]
+        r = yolo.predict(str(image_path), imgsz=imgsz, rect=rect, conf=conf, verbose=False)[0]
     if loaded.task == "obb":
         o = r.obb
         rows = [o.xyxy, o.conf[:, None], o.cls[:, None], o.xywhr, o.xyxyxyxy.reshape(-1, 8)]

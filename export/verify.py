@@ -220,12 +220,13 @@ def check_decode(
     image: np.ndarray,
     classes: tuple[int, ...] | None = None,
     agnostic: bool = False,
+    candidates: int = 100,
 ) -> int:
     """Same letterboxed input, our backbone+postprocessor vs Ultralytics' decode+NMS, at a low
-    threshold. Returns how many detections were compared."""
+    threshold that lets about ``candidates`` boxes through. Returns how many detections were compared."""
     item = pipeline.prepare(image)
     x = pipeline.to_input([item.pixels])
-    conf = low_threshold(loaded, x)
+    conf = low_threshold(loaded, x, candidates)
     th = Thresholds(conf=conf, iou=0.7, max_det=300, classes=classes)
     ref, ref_masks = ultralytics_reference_with_masks(loaded, x, [item.params], th, agnostic)[0]
     with torch.no_grad():

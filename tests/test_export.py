@@ -28,7 +28,15 @@ YAML_MODELS = [
     ("yolo26n-pose.yaml", "auto"),
     ("yolo26n-pose.yaml", "one2one"),
     ("yolov10n.yaml", "one2one"),  # v10Detect, with its NMS-free head
+    ("yolov8n-seg.yaml", "auto"),  # Segment: Proto on P3
+    ("yolo11n-seg.yaml", "auto"),
+    ("yolo26n-seg.yaml", "auto"),  # Segment26: Proto26 on all levels
+    ("yolov8n-obb.yaml", "auto"),  # OBB: angle = (sigmoid - 0.25) * pi, rotated NMS
+    ("yolo11n-obb.yaml", "auto"),
+    ("yolo26n-obb.yaml", "auto"),  # OBB26: raw angle
+    ("yolo26n-obb.yaml", "one2one"),
 ]
+TASK_OF_NAME = {"pose": "pose", "seg": "segment", "obb": "obb"}
 
 
 @pytest.fixture(scope="module", params=YAML_MODELS, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -42,13 +50,15 @@ def yaml_export(request, tmp_path_factory):
 def test_yaml_model_exports_and_matches_ultralytics_decode(yaml_export, sample_images):
     meta = yaml_export.metadata
     assert meta["end2end"] == yaml_export.loaded.end2end
-    assert meta["task"] == ("pose" if "pose" in str(yaml_export.loaded.source) else "detect")
+    suffix = Path(yaml_export.loaded.source).stem.rsplit("-", 1)[-1]
+    assert meta["task"] == TASK_OF_NAME.get(suffix, "detect")
     pipeline = YoloPipeline.from_dir(yaml_export.out_dir)
-    # also with a class filter and class-agnostic NMS / top-k
+    # also with a class filter and class-agnostic NMS / top-k (segment: fewer candidates, masks are slow)
     image = decode_image(sample_images[0].read_bytes())
     classes = (0, 5) if yaml_export.loaded.nc > 5 else (0,)
-    assert verify.check_decode(yaml_export.loaded, pipeline, image, classes=classes) > 0
-    assert verify.check_decode(yaml_export.loaded, pipeline, image, agnostic=True) > 0
+    candidates = 20 if meta["task"] == "segment" else 100
+    assert verify.check_decode(yaml_export.loaded, pipeline, image, classes=classes, candidates=candidates) > 0
+    assert verify.check_decode(yaml_export.loaded, pipeline, image, agnostic=True, candidates=candidates) > 0
 
 
 @pytest.mark.parametrize("b", [1, 3])
@@ -148,7 +158,7 @@ def test_cli_not_a_checkpoint(tmp_path, content):
 
 
 def test_cli_unsupported_task():
-    _one_line_error(_cli("--weights", "yolo11n-seg.yaml", "--no-check"), "segment", "not supported")
+    _one_line_error(_cli("--weights", "yolo26n-depth.yaml", "--no-check"), "depth", "not supported")
 
 
 def test_cli_one2one_on_a_model_without_that_head(pose_weights):

@@ -37,6 +37,9 @@ YAML_MODELS = [
     ("yolo26n-obb.yaml", "one2one"),
 ]
 TASK_OF_NAME = {"pose": "pose", "seg": "segment", "obb": "obb"}
+# Seed of the YAML build, 0 unless listed: seed 0's random yolo11n-seg masks are empty on the sample
+# images, so every detection is dropped (as the predictor drops it) and there would be nothing to compare.
+SEEDS = {"yolo11n-seg.yaml": 1}
 
 
 @pytest.fixture(scope="module", params=YAML_MODELS, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -44,7 +47,7 @@ def yaml_export(request, tmp_path_factory):
     weights, head = request.param
     out = tmp_path_factory.mktemp(Path(weights).stem)
     # check=True runs the trace, decode and predict checks of export/verify.py and raises on a mismatch
-    return export_model(weights, out, [640, 640], head=head, log=lambda _: None)
+    return export_model(weights, out, [640, 640], head=head, seed=SEEDS.get(weights, 0), log=lambda _: None)
 
 
 def test_yaml_model_exports_and_matches_ultralytics_decode(yaml_export, sample_images):
@@ -53,12 +56,11 @@ def test_yaml_model_exports_and_matches_ultralytics_decode(yaml_export, sample_i
     suffix = Path(yaml_export.loaded.source).stem.rsplit("-", 1)[-1]
     assert meta["task"] == TASK_OF_NAME.get(suffix, "detect")
     pipeline = YoloPipeline.from_dir(yaml_export.out_dir)
-    # also with a class filter and class-agnostic NMS / top-k (segment: fewer candidates, masks are slow)
+    # also with a class filter and class-agnostic NMS / top-k
     image = decode_image(sample_images[0].read_bytes())
     classes = (0, 5) if yaml_export.loaded.nc > 5 else (0,)
-    candidates = 20 if meta["task"] == "segment" else 100
-    assert verify.check_decode(yaml_export.loaded, pipeline, image, classes=classes, candidates=candidates) > 0
-    assert verify.check_decode(yaml_export.loaded, pipeline, image, agnostic=True, candidates=candidates) > 0
+    assert verify.check_decode(yaml_export.loaded, pipeline, image, classes=classes) > 0
+    assert verify.check_decode(yaml_export.loaded, pipeline, image, agnostic=True) > 0
 
 
 @pytest.mark.parametrize("b", [1, 3])

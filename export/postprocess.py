@@ -15,7 +15,8 @@ Inputs
              ``x_in = x_orig * gain_x + pad_left`` (same for y).
   conf       ``float32[B]``: keep detections whose score is strictly greater.
   iou        ``float32[B]``: NMS suppresses a box whose IoU with a kept box of the same class is
-             strictly greater (ignored by NMS-free one-to-one heads, exactly as Ultralytics).
+             strictly greater (ignored by NMS-free one-to-one heads, exactly as Ultralytics). OBB:
+             probabilistic IoU and Fast-NMS (see :func:`nms_rotated`), as Ultralytics' rotated NMS.
   max_det    ``int64[B]``, each >= 1: detections kept per image.
   class_mask ``bool[B, nc]`` or None: True where a class may be returned. The best class of a box is
              chosen first, then filtered, as Ultralytics' ``classes=`` does.

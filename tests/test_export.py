@@ -97,7 +97,8 @@ def test_metadata_is_embedded_and_readable(pose_export, pose_weights):
     assert on_disk["stride"] == [8.0, 16.0, 32.0] and on_disk["reg_max"] == 16 and on_disk["end2end"] is False
     assert on_disk["imgsz"] == [640, 640] and on_disk["letterbox"] == "rect"
     assert on_disk["weights"]["sha256"] == __import__("hashlib").sha256(pose_weights.read_bytes()).hexdigest()
-    assert {"ultralytics", "torch"} <= set(on_disk["versions"]) and on_disk["contract"] == 1
+    assert {"ultralytics", "torch"} <= set(on_disk["versions"]) and on_disk["contract"] == 2
+    assert on_disk["nm"] == 0 and on_disk["angle_decode"] is None
 
 
 def test_a_wrong_postprocessor_fails_the_check(pose_weights, tmp_path, monkeypatch, capsys):

@@ -4,7 +4,9 @@ Contract of the traced ``backbone.pt``:
   input   ``images: float32[B, 3, H, W]`` (float16 when the handler runs half on CUDA), RGB, 0..1,
           H and W multiples of the model's largest stride (metadata ``max_stride``); any B.
   output  tuple of ``nl`` tensors ``[B, no, H / stride_i, W / stride_i]`` with
-          ``no = 4 * reg_max + nc + nkpt * kdim``: box logits, class logits, raw keypoints.
+          ``no = 4 * reg_max + nc + extra``: box logits, class logits, then the task's raw values
+          (pose: ``nkpt * kdim`` keypoint values; segment: ``nm`` mask coefficients; obb: 1 angle logit);
+          a segment model appends one more tensor, the mask prototypes ``[B, nm, H / 4, W / 4]``.
 Nothing that depends on H or W (anchors, strides, decode) is inside: that is the postprocessor's
 job, so one trace serves every input size. Classify models trace :class:`export.classify.ClassifyLogits`
 instead (contract in ``export/classify.py``); :func:`raw_network` picks.
@@ -36,6 +38,11 @@ class RawHead(nn.Module):
         # v8/11 Pose: one keypoint branch; Pose26: a shared stem (pose_head) then a 1x1 conv (kpts_head).
         self.pose_head: nn.ModuleList | None = branches.get("pose_head")
         self.kpts_head: nn.ModuleList | None = branches.get("kpts_head")
+        # Segment: mask coefficients per level and the prototypes (Proto on P3; Proto26 on all levels).
+        # OBB / OBB26: one raw angle channel per level (the sigmoid of v8/11 OBB is the postprocessor's).
+        self.extra_head: nn.ModuleList | None = branches.get("mask_head", branches.get("angle_head"))
+        self.proto: nn.Module | None = getattr(head, "proto", None)
+        self.proto_all_levels = type(head).__name__ == "Segment26"
         self.nl = len(self.box_head)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
@@ -53,7 +60,11 @@ class RawHead(nn.Module):
             if self.pose_head is not None:
                 kpt = self.pose_head[i](feats[i])
                 parts.append(self.kpts_head[i](kpt) if self.kpts_head is not None else kpt)  # [B, nkpt*kdim, h, w]
+            if self.extra_head is not None:
+                parts.append(self.extra_head[i](feats[i]))  # [B, nm or 1, h, w]
             outs.append(torch.cat(parts, 1))  # [B, no, h, w]
+        if self.proto is not None:
+            outs.append(self.proto(feats if self.proto_all_levels else feats[0]))  # [B, nm, H / 4, W / 4]
         return tuple(outs)
 
 

@@ -12,10 +12,18 @@ from typing import Literal
 import torch
 from torch import nn
 
-from export.postprocess import KPT_DECODE_NONE, KPT_DECODE_POSE, KPT_DECODE_POSE26
+from export.postprocess import (
+    ANGLE_DECODE_NONE,
+    ANGLE_DECODE_OBB,
+    ANGLE_DECODE_OBB26,
+    KPT_DECODE_NONE,
+    KPT_DECODE_POSE,
+    KPT_DECODE_POSE26,
+)
 
 HeadChoice = Literal["auto", "one2many", "one2one"]
-SUPPORTED_TASKS = ("detect", "pose", "classify")
+SUPPORTED_TASKS = ("detect", "pose", "segment", "obb", "classify")
+SUPPORTED_HEADS = ("Detect", "v10Detect", "Pose", "Pose26", "Segment", "Segment26", "OBB", "OBB26")
 
 
 class ExportError(Exception):
@@ -29,8 +37,8 @@ class LoadedModel:
     source: str  # the --weights argument as given
     path: Path  # the file it resolved to
     seed: int  # seed of a YAML build
-    model: nn.Module  # ultralytics DetectionModel / PoseModel / ClassificationModel, fused
-    task: str  # "detect" | "pose" | "classify"
+    model: nn.Module  # ultralytics DetectionModel / PoseModel / SegmentationModel / OBBModel / ClassificationModel, fused
+    task: str  # "detect" | "pose" | "segment" | "obb" | "classify"
     names: list[str]  # class names, index = class id
     strides: list[float]  # per detection level, e.g. [8, 16, 32]
     reg_max: int
@@ -40,6 +48,8 @@ class LoadedModel:
     head_type: str  # "Detect", "Pose", "Pose26", ...
     weights_sha256: str  # of the .pt or .yaml file
     predict_imgsz: int | list[int] | None = None  # the imgsz YOLO(weights).predict() uses (checkpoint args or 640)
+    nm: int = 0  # mask coefficients per detection (segment models)
+    angle_decode: int = ANGLE_DECODE_NONE  # one of export.postprocess.ANGLE_DECODE_* (obb models)
 
     @property
     def nc(self) -> int:
@@ -117,8 +127,8 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
     model = yolo.model
     head_module = model.model[-1]
     head_type = type(head_module).__name__
-    if head_type not in ("Detect", "Pose", "Pose26", "v10Detect"):
-        raise ExportError(f"{weights}: head {head_type!r} is not supported yet (supported: Detect, v10Detect, Pose, Pose26)")
+    if head_type not in SUPPORTED_HEADS:
+        raise ExportError(f"{weights}: head {head_type!r} is not supported yet (supported: {', '.join(SUPPORTED_HEADS)})")
     if head != "auto":
         if getattr(head_module, "one2one_cv2", None) is None and head == "one2one":
             raise ExportError(f"{weights}: this model has no NMS-free one-to-one head; use --head auto")
@@ -132,6 +142,9 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
     kpt_decode = KPT_DECODE_NONE
     if task == "pose":
         kpt_decode = KPT_DECODE_POSE26 if head_type == "Pose26" else KPT_DECODE_POSE
+    angle_decode = ANGLE_DECODE_NONE
+    if task == "obb":
+        angle_decode = ANGLE_DECODE_OBB26 if head_type == "OBB26" else ANGLE_DECODE_OBB
     names = model.names
     names = [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else [str(n) for n in names]
     return LoadedModel(
@@ -149,6 +162,8 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
         head_type=head_type,
         weights_sha256=sha256_of(src),
         predict_imgsz=_predict_imgsz(yolo),
+        nm=int(head_module.nm) if task == "segment" else 0,
+        angle_decode=angle_decode,
     )
 
 

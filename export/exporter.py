@@ -56,7 +56,14 @@ def script_postprocessor(loaded: LoadedModel) -> torch.jit.ScriptModule:
             return torch.jit.script(ClassifyPostprocess(loaded.nc))
         return torch.jit.script(
             YoloPostprocess(
-                loaded.nc, loaded.reg_max, loaded.strides, loaded.end2end, loaded.kpt_shape or (0, 0), loaded.kpt_decode
+                loaded.nc,
+                loaded.reg_max,
+                loaded.strides,
+                loaded.end2end,
+                loaded.kpt_shape or (0, 0),
+                loaded.kpt_decode,
+                loaded.nm,
+                loaded.angle_decode,
             )
         )
 
@@ -132,6 +139,8 @@ def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> N
     with _step(steps, "check decode == Ultralytics decode+NMS", log):
         n = [verify.check_decode(loaded, pipeline, decode_image(p.read_bytes())) for p in images]
     log(f"    {sum(n)} detections compared at a low threshold")
+    if sum(n) == 0:
+        log("    WARNING: nothing to compare (a random-weight segment model may have only empty masks; try another --seed)")
     with _step(steps, "check pipeline == YOLO.predict", log):
         n = [verify.check_predict(loaded, pipeline, p) for p in images]
     log(f"    {', '.join(f'{p.name}: {k}' for p, k in zip(images, n))} detections matched")

@@ -8,7 +8,7 @@ import json
 import torch
 
 from export.checkpoint import LoadedModel
-from export.postprocess import CONTRACT_VERSION, KPT_DECODE_POSE26
+from export.postprocess import ANGLE_DECODE_NONE, ANGLE_DECODE_OBB26, CONTRACT_VERSION, KPT_DECODE_POSE26
 
 
 def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: str) -> dict:
@@ -23,6 +23,8 @@ def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: 
         "nc": loaded.nc,
         "kpt_shape": list(loaded.kpt_shape) if loaded.kpt_shape else None,
         "kpt_decode": None if loaded.kpt_shape is None else ("pose26" if loaded.kpt_decode == KPT_DECODE_POSE26 else "pose"),
+        "nm": loaded.nm,  # mask coefficients (segment), else 0
+        "angle_decode": None if loaded.angle_decode == ANGLE_DECODE_NONE else ("obb26" if loaded.angle_decode == ANGLE_DECODE_OBB26 else "obb"),
         "stride": loaded.strides,
         "max_stride": loaded.max_stride,
         "reg_max": loaded.reg_max,

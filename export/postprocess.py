@@ -15,20 +15,42 @@ Inputs
              ``x_in = x_orig * gain_x + pad_left`` (same for y).
   conf       ``float32[B]``: keep detections whose score is strictly greater.
   iou        ``float32[B]``: NMS suppresses a box whose IoU with a kept box of the same class is
-             strictly greater (ignored by NMS-free one-to-one heads, exactly as Ultralytics).
+             strictly greater (ignored by NMS-free one-to-one heads, exactly as Ultralytics). OBB:
+             probabilistic IoU and Fast-NMS (see :func:`nms_rotated`), as Ultralytics' rotated NMS.
   max_det    ``int64[B]``, each >= 1: detections kept per image.
   class_mask ``bool[B, nc]`` or None: True where a class may be returned. The best class of a box is
              chosen first, then filtered, as Ultralytics' ``classes=`` does.
   agnostic   bool: class-agnostic NMS (and top-k) instead of per-class.
 
 Outputs
-  detections ``float32[B, K, 6 + 3 * nkpt]`` with ``K = max(max_det)``, zero-padded after
-             ``counts[b]`` rows, sorted by score, highest first. Columns:
-             ``x1, y1, x2, y2`` (xyxy, original-image pixels, clipped to the image),
-             ``score`` (sigmoid class probability), ``class_id`` (as float), then for each keypoint
-             ``x, y`` (original-image pixels, clipped) and ``visibility`` (sigmoid; 1.0 when the
-             model predicts no visibility, kdim == 2).
+  detections ``float32[B, K, ncols]`` with ``K = max(max_det)``, zero-padded after ``counts[b]`` rows,
+             sorted by score, highest first. Columns 0..5 for every task:
+             ``x1, y1, x2, y2`` (xyxy, original-image pixels), ``score`` (sigmoid class probability),
+             ``class_id`` (as float). Then, by task (``ncols``):
+             detect   nothing more (``ncols = 6``); the box is clipped to the image.
+             pose     for each keypoint ``x, y`` (original-image pixels, clipped) and ``visibility``
+                      (sigmoid; 1.0 when the model predicts no visibility, kdim == 2); ``ncols = 6 + 3 * nkpt``.
+             segment  nothing more (``ncols = 6``); the box is clipped; the masks are the third output.
+             obb      ``cx, cy, w, h, angle`` (the rotated box: centre and size in original-image pixels,
+                      ``scale_boxes(..., xywh=True)`` as Ultralytics, not clipped; angle in radians as the head
+                      predicts it), then the four corners ``x, y`` (``xywhr2xyxyxyxy`` order); columns 0..3 are
+                      the axis-aligned hull of the corners (not clipped, as Ultralytics' ``obb.xyxy``);
+                      ``ncols = 6 + 5 + 8``.
   counts     ``int64[B]``: valid rows per image.
+  masks      segment: ``uint8[B, M, H0, W0]`` binary (0/1) instance masks of the kept rows only, in
+             original-image pixels, ``M = max(counts)``, ``H0 x W0`` the largest original size in the
+             batch; mask ``[b, i, :orig_h_b, :orig_w_b]`` belongs to ``detections[b, i]``, everything
+             else is 0. Computed as Ultralytics' ``YOLO.predict`` (``retina_masks=False``):
+             ``coeffs @ protos`` -> bilinear upsample to the network input -> ``> 0`` -> crop to the
+             input-space box (``process_mask(..., upsample=True)``); a detection whose mask is empty there
+             is dropped, as the predictor does; the input-space mask is then mapped to the original
+             image as ``scale_masks`` (cut the padding, bilinear resize) and thresholded at 0.5.
+             Memory: ``M * H0 * W0`` bytes (50 masks of a 1920x1080 image: 104 MB).
+             Other tasks: ``uint8[B, 0, 0, 0]``.
+
+Segment and OBB inputs: a segment backbone returns ``nl + 1`` tensors, the levels (channels: box, class,
+then ``nm`` mask coefficients) and last the prototypes ``[B, nm, H / 4, W / 4]``; an OBB backbone's levels
+carry one raw angle channel after the class logits.
 """
 
 from __future__ import annotations
@@ -36,14 +58,19 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: a third output (masks), segment and obb rows
 
 # Keypoint decode formulas (``kpt_decode`` of YoloPostprocess, ``kpt_decode`` in metadata):
 KPT_DECODE_NONE = 0  # detect model
 KPT_DECODE_POSE = 1  # v8/v11 ``Pose``:  xy = (raw * 2 + anchor - 0.5) * stride
 KPT_DECODE_POSE26 = 2  # YOLO26 ``Pose26``: xy = (raw + anchor) * stride
+# OBB angle decode (``angle_decode`` of YoloPostprocess, ``angle_decode`` in metadata):
+ANGLE_DECODE_NONE = 0  # not an OBB model
+ANGLE_DECODE_OBB = 1  # v8/v11 ``OBB``: angle = (sigmoid(raw) - 0.25) * pi, in [-pi/4, 3pi/4)
+ANGLE_DECODE_OBB26 = 2  # YOLO26 ``OBB26``: angle = raw
 
 
 def make_anchors(feats: List[Tensor], strides: List[float]) -> Tuple[Tensor, Tensor]:
@@ -205,6 +232,154 @@ def unletterbox_points(xy: Tensor, geometry: Tensor) -> Tensor:
     return torch.stack((x, y), -1)
 
 
+def decode_rboxes(dist: Tensor, angle: Tensor, anchors: Tensor, stride: Tensor) -> Tensor:
+    """``dist: [B, 4, A]`` ltrb, ``angle: [B, A]`` radians -> ``[B, A, 4]`` rotated ``cx, cy, w, h`` in
+    network-input pixels: Ultralytics' ``dist2rbox`` times the stride."""
+    lt, rb = dist[:, :2], dist[:, 2:]  # [B, 2, A] each
+    cos, sin = torch.cos(angle), torch.sin(angle)  # [B, A]
+    half = (rb - lt) / 2  # [B, 2, A], the centre offset in the box's own frame
+    x = half[:, 0] * cos - half[:, 1] * sin
+    y = half[:, 0] * sin + half[:, 1] * cos
+    xy = torch.stack((x, y), -1) + anchors  # [B, A, 2]
+    return torch.cat((xy, (lt + rb).permute(0, 2, 1)), -1) * stride  # [B, A, 4]
+
+
+def rbox_covariance(rboxes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``rboxes: [N, 5]`` xywhr -> the Gaussian covariance ``[[a, c], [c, b]]`` as ``a, b, c: [N]``
+    (Ultralytics' ``_get_covariance_matrix``)."""
+    a = rboxes[:, 2].pow(2) / 12
+    b = rboxes[:, 3].pow(2) / 12
+    cos, sin = rboxes[:, 4].cos(), rboxes[:, 4].sin()
+    cos2, sin2 = cos.pow(2), sin.pow(2)
+    return a * cos2 + b * sin2, a * sin2 + b * cos2, (a - b) * cos * sin
+
+
+def batch_probiou(obb1: Tensor, obb2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Probabilistic IoU (arXiv 2106.06072) of ``obb1: [N, 5]`` with ``obb2: [M, 5]`` xywhr -> ``[N, M]``,
+    term for term Ultralytics' ``batch_probiou``."""
+    x1, y1 = obb1[:, 0:1], obb1[:, 1:2]  # [N, 1]
+    x2, y2 = obb2[:, 0].view(1, -1), obb2[:, 1].view(1, -1)  # [1, M]
+    a1, b1, c1 = rbox_covariance(obb1)
+    a2, b2, c2 = rbox_covariance(obb2)
+    a1, b1, c1 = a1.view(-1, 1), b1.view(-1, 1), c1.view(-1, 1)
+    a2, b2, c2 = a2.view(1, -1), b2.view(1, -1), c2.view(1, -1)
+    den = (a1 + a2) * (b1 + b2) - (c1 + c2).pow(2)
+    t1 = (((a1 + a2) * (y1 - y2).pow(2) + (b1 + b2) * (x1 - x2).pow(2)) / (den + eps)) * 0.25
+    t2 = (((c1 + c2) * (x2 - x1) * (y1 - y2)) / (den + eps)) * 0.5
+    t3 = (den / (4 * ((a1 * b1 - c1.pow(2)).clamp(min=0) * (a2 * b2 - c2.pow(2)).clamp(min=0)).sqrt() + eps) + eps).log() * 0.5
+    bd = (t1 + t2 + t3).clamp(eps, 100.0)
+    return 1 - (1.0 - (-bd).exp() + eps).sqrt()
+
+
+def nms_rotated(rboxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int, block: int = 1024) -> Tensor:
+    """Ultralytics' rotated NMS (``TorchNMS.fast_nms`` with ``batch_probiou``): ``rboxes: [N, 5]`` xywhr
+    (classes already shifted apart), ``scores: [N]`` -> ``int64[K]`` indices, highest score first.
+
+    Fast-NMS, not greedy: a box is dropped when its probabilistic IoU with *any* higher-scored box is
+    strictly greater than ``iou_threshold``, even one that is dropped itself. The ``N x N`` matrix is
+    built ``block`` rows at a time, so memory stays ``block x N``.
+    """
+    n = rboxes.shape[0]
+    if n == 0 or max_keep <= 0:
+        return torch.zeros(0, dtype=torch.long, device=rboxes.device)
+    order = torch.argsort(scores, descending=True)  # Ultralytics' (unstable) order: the same winners among ties
+    rboxes = rboxes[order]
+    cols = torch.arange(n, device=rboxes.device).view(1, n)
+    suppressed = torch.zeros(n, dtype=torch.bool, device=rboxes.device)
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        rows = torch.arange(start, end, device=rboxes.device).view(-1, 1)
+        hit = (batch_probiou(rboxes[start:end], rboxes) > iou_threshold) & (cols > rows)  # [end - start, N]
+        suppressed = suppressed | hit.any(0)
+    return order[(~suppressed).nonzero().view(-1)[:max_keep]]
+
+
+def select_nms_rotated(
+    rboxes: Tensor,
+    scores: Tensor,
+    conf: float,
+    iou: float,
+    max_det: int,
+    class_mask: Optional[Tensor],
+    agnostic: bool,
+    max_candidates: int = 30000,
+    class_offset: float = 7680.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One image, OBB one-to-many head. ``rboxes: [A, 5]`` xywhr input pixels, ``scores: [A, nc]`` ->
+    ``(index int64[K] into A, score float32[K], class int64[K])``, Ultralytics' ``non_max_suppression(rotated=True)``
+    (``class_offset`` is its ``max_wh``: per-class NMS by shifting each class's centres apart)."""
+    best, cls = scores.max(1)  # [A] each
+    keep = best > conf
+    if class_mask is not None:
+        keep = keep & class_mask[cls]
+    idx = keep.nonzero().view(-1)  # [N]
+    if idx.numel() > max_candidates:
+        idx = idx[best[idx].argsort(descending=True)[:max_candidates]]
+    cand = rboxes[idx]
+    offset = cls[idx].to(torch.float32).view(-1, 1) * (0.0 if agnostic else class_offset)
+    shifted = torch.cat((cand[:, :2] + offset, cand[:, 2:]), 1)  # [N, 5]
+    kept = idx[nms_rotated(shifted, best[idx], iou, max_det)]
+    return kept, best[kept], cls[kept]
+
+
+def rbox_corners(rboxes: Tensor) -> Tensor:
+    """``rboxes: [N, 5]`` xywhr -> ``[N, 4, 2]`` corners, Ultralytics' ``xywhr2xyxyxyxy`` order."""
+    ctr = rboxes[:, :2]
+    w, h, angle = rboxes[:, 2:3], rboxes[:, 3:4], rboxes[:, 4:5]
+    cos, sin = angle.cos(), angle.sin()
+    vec1 = torch.cat((w / 2 * cos, w / 2 * sin), -1)  # [N, 2]
+    vec2 = torch.cat((-h / 2 * sin, h / 2 * cos), -1)
+    return torch.stack((ctr + vec1 + vec2, ctr + vec1 - vec2, ctr - vec1 - vec2, ctr - vec1 + vec2), -2)
+
+
+def unletterbox_rboxes(rboxes: Tensor, geometry: Tensor) -> Tensor:
+    """``rboxes: [N, 5]`` xywhr input pixels -> original-image pixels (``scale_boxes(..., xywh=True)``:
+    centre and size divided by the per-axis gains, the angle unchanged, nothing clipped)."""
+    cx = (rboxes[:, 0] - geometry[0]) / geometry[2]
+    cy = (rboxes[:, 1] - geometry[1]) / geometry[3]
+    return torch.stack((cx, cy, rboxes[:, 2] / geometry[2], rboxes[:, 3] / geometry[3], rboxes[:, 4]), -1)
+
+
+def crop_to_boxes(masks: Tensor, boxes: Tensor) -> Tensor:
+    """``masks: [N, H, W]`` with pixels outside ``boxes: [N, 4]`` (xyxy, same pixel space) set to 0:
+    column ``x`` is inside when ``x1 <= x < x2`` (Ultralytics' ``crop_mask``)."""
+    h, w = masks.shape[1], masks.shape[2]
+    c = torch.arange(w, device=masks.device, dtype=boxes.dtype).view(1, 1, w)
+    r = torch.arange(h, device=masks.device, dtype=boxes.dtype).view(1, h, 1)
+    x1, y1 = boxes[:, 0].view(-1, 1, 1), boxes[:, 1].view(-1, 1, 1)
+    x2, y2 = boxes[:, 2].view(-1, 1, 1), boxes[:, 3].view(-1, 1, 1)
+    inside = (c >= x1) & (c < x2) & (r >= y1) & (r < y2)  # [N, H, W]
+    return masks & inside
+
+
+def input_masks(protos: Tensor, coeffs: Tensor, boxes: Tensor, input_hw: List[int], chunk: int = 16) -> Tensor:
+    """``protos: [nm, mh, mw]``, ``coeffs: [N, nm]``, ``boxes: [N, 4]`` xyxy input pixels ->
+    ``bool[N, H_in, W_in]``: Ultralytics' ``process_mask(..., upsample=True)`` (logits upsampled
+    bilinearly to the input, ``> 0``, cropped to the box). ``chunk`` masks at a time bound the float memory."""
+    nm, mh, mw = protos.shape[0], protos.shape[1], protos.shape[2]
+    out = torch.zeros((coeffs.shape[0], input_hw[0], input_hw[1]), dtype=torch.bool, device=protos.device)
+    flat = protos.float().view(nm, -1)
+    for s in range(0, coeffs.shape[0], chunk):
+        logits = (coeffs[s : s + chunk].float() @ flat).view(1, -1, mh, mw)  # [1, n, mh, mw]
+        up = F.interpolate(logits, size=input_hw, mode="bilinear", align_corners=False)[0]  # [n, H_in, W_in]
+        out[s : s + chunk] = crop_to_boxes(up > 0, boxes[s : s + chunk])
+    return out
+
+
+def unletterbox_masks(masks: Tensor, geometry: Tensor, chunk: int = 8) -> Tensor:
+    """``masks: bool[N, H_in, W_in]`` -> ``uint8[N, orig_h, orig_w]`` 0/1: Ultralytics' ``scale_masks``
+    (cut the letterbox padding, bilinear resize to the original size) thresholded at 0.5."""
+    left, top = int(geometry[0]), int(geometry[1])
+    ow, oh = int(geometry[4]), int(geometry[5])
+    right = left + max(int(torch.round(geometry[4] * geometry[2])), 1)  # the resized image inside the input
+    bottom = top + max(int(torch.round(geometry[5] * geometry[3])), 1)
+    out = torch.zeros((masks.shape[0], oh, ow), dtype=torch.uint8, device=masks.device)
+    for s in range(0, masks.shape[0], chunk):
+        part = masks[s : s + chunk, top:bottom, left:right].float().unsqueeze(0)  # [1, n, h, w]
+        out[s : s + chunk] = (F.interpolate(part, size=[oh, ow], mode="bilinear", align_corners=False)[0] > 0.5).to(torch.uint8)
+    return out
+
+
 class YoloPostprocess(nn.Module):
     """Raw head outputs -> fixed-shape detections; see the module docstring for the contract."""
 
@@ -216,6 +391,8 @@ class YoloPostprocess(nn.Module):
         end2end: bool,
         kpt_shape: Tuple[int, int] = (0, 0),
         kpt_decode: int = KPT_DECODE_NONE,
+        nm: int = 0,
+        angle_decode: int = ANGLE_DECODE_NONE,
     ) -> None:
         super().__init__()
         self.nc = nc
@@ -225,20 +402,33 @@ class YoloPostprocess(nn.Module):
         self.nkpt = int(kpt_shape[0])
         self.kdim = int(kpt_shape[1])
         self.kpt_decode = kpt_decode
-        self.ncols = 6 + 3 * self.nkpt
+        self.nm = nm  # mask coefficients per anchor (segment), else 0
+        self.obb = angle_decode != ANGLE_DECODE_NONE
+        self.angle_sigmoid = angle_decode == ANGLE_DECODE_OBB  # v8/11 OBB; OBB26 predicts the angle directly
+        self.ncols = 6 + 3 * self.nkpt + (13 if self.obb else 0)
 
     def decode(self, feats: List[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Raw maps -> ``boxes [B, A, 4]`` xyxy input pixels, ``scores [B, A, nc]``,
-        ``keypoints [B, A, nkpt, 3]`` (None for detect models)."""
+        """Raw level maps -> ``boxes [B, A, 4]`` (xyxy input pixels; OBB: rotated cx, cy, w, h),
+        ``scores [B, A, nc]`` and the task's extra values: ``keypoints [B, A, nkpt, 3]`` (pose),
+        ``angle [B, A, 1]`` radians (obb), ``coefficients [B, A, nm]`` (segment); None for detect."""
         anchors, stride = make_anchors(feats, self.strides)  # [A, 2], [A, 1]
         raw = torch.cat([f.float().flatten(2) for f in feats], 2)  # [B, no, A]
         nbox = 4 * self.reg_max
-        boxes = decode_boxes(dfl_distances(raw[:, :nbox], self.reg_max), anchors, stride)
+        dist = dfl_distances(raw[:, :nbox], self.reg_max)  # [B, 4, A]
         scores = raw[:, nbox : nbox + self.nc].sigmoid().permute(0, 2, 1)  # [B, A, nc]
-        kpts: Optional[Tensor] = None
+        rest = raw[:, nbox + self.nc :]  # [B, no - nbox - nc, A]
+        if self.obb:
+            angle = rest[:, 0]  # [B, A]
+            if self.angle_sigmoid:
+                angle = (angle.sigmoid() - 0.25) * 3.141592653589793
+            return decode_rboxes(dist, angle, anchors, stride), scores, angle.unsqueeze(-1)
+        boxes = decode_boxes(dist, anchors, stride)
+        extra: Optional[Tensor] = None
         if self.nkpt > 0:
-            kpts = decode_keypoints(raw[:, nbox + self.nc :], anchors, stride, self.kdim, self.kpt_decode == 2)
-        return boxes, scores, kpts
+            extra = decode_keypoints(rest, anchors, stride, self.kdim, self.kpt_decode == 2)
+        elif self.nm > 0:
+            extra = rest.permute(0, 2, 1)  # [B, A, nm]
+        return boxes, scores, extra
 
     def forward(
         self,
@@ -249,14 +439,20 @@ class YoloPostprocess(nn.Module):
         max_det: Tensor,
         class_mask: Optional[Tensor] = None,
         agnostic: bool = False,
-    ) -> Tuple[Tensor, Tensor]:
-        boxes, scores, kpts = self.decode(feats)
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        protos: Optional[Tensor] = None
+        if self.nm > 0:
+            protos = feats[-1]  # [B, nm, H / 4, W / 4]
+            feats = feats[:-1]
+        input_hw = [int(feats[0].shape[2] * self.strides[0]), int(feats[0].shape[3] * self.strides[0])]
+        boxes, scores, extra = self.decode(feats)
         bsz = boxes.shape[0]
         device = boxes.device
         geometry = geometry.to(device=device, dtype=torch.float32)
         limit = int(max_det.max()) if max_det.numel() > 0 else 1
         out = torch.zeros((bsz, limit, self.ncols), dtype=torch.float32, device=device)
         counts = torch.zeros(bsz, dtype=torch.long, device=device)
+        image_masks: List[Tensor] = []
         for b in range(bsz):
             mask: Optional[Tensor] = None
             if class_mask is not None:
@@ -265,15 +461,42 @@ class YoloPostprocess(nn.Module):
             max_det_b = int(max_det[b])
             if self.end2end:
                 index, score, cls = select_topk(scores[b], conf_b, max_det_b, mask, agnostic)
+            elif self.obb and extra is not None:
+                rb = torch.cat((boxes[b], extra[b]), 1)  # [A, 5] xywhr
+                index, score, cls = select_nms_rotated(rb, scores[b], conf_b, float(iou[b]), max_det_b, mask, agnostic)
             else:
                 index, score, cls = select_nms(boxes[b], scores[b], conf_b, float(iou[b]), max_det_b, mask, agnostic)
+            if protos is not None and extra is not None:
+                masks_in = input_masks(protos[b], extra[b][index], boxes[b][index], input_hw)  # [n, H_in, W_in]
+                nonempty = masks_in.flatten(1).any(1)  # the predictor drops detections without a mask pixel
+                index, score, cls = index[nonempty], score[nonempty], cls[nonempty]
+                image_masks.append(unletterbox_masks(masks_in[nonempty], geometry[b]))
             n = index.shape[0]
-            xyxy = unletterbox_points(boxes[b][index].view(n, 2, 2), geometry[b]).view(n, 4)
-            cols = [xyxy, score.view(n, 1), cls.to(torch.float32).view(n, 1)]
-            if kpts is not None:
-                kb = kpts[b][index]  # [n, nkpt, 3]
+            cols = [torch.zeros((n, 4), device=device), score.view(n, 1), cls.to(torch.float32).view(n, 1)]
+            if self.obb and extra is not None:
+                rb = unletterbox_rboxes(torch.cat((boxes[b][index], extra[b][index]), 1), geometry[b])  # [n, 5]
+                corners = rbox_corners(rb)  # [n, 4, 2]
+                cols[0] = torch.cat((corners.amin(1), corners.amax(1)), 1)
+                cols.append(rb)
+                cols.append(corners.view(n, 8))
+            else:
+                cols[0] = unletterbox_points(boxes[b][index].view(n, 2, 2), geometry[b]).view(n, 4)
+            if self.nkpt > 0 and extra is not None:
+                kb = extra[b][index]  # [n, nkpt, 3]
                 kxy = unletterbox_points(kb[..., :2], geometry[b])
                 cols.append(torch.cat((kxy, kb[..., 2:3]), -1).view(n, 3 * self.nkpt))
             out[b, :n] = torch.cat(cols, 1)
             counts[b] = n
-        return out, counts
+        return out, counts, self._stack_masks(image_masks, counts, geometry)
+
+    def _stack_masks(self, image_masks: List[Tensor], counts: Tensor, geometry: Tensor) -> Tensor:
+        """Per-image ``uint8[n_b, h_b, w_b]`` -> ``uint8[B, max(counts), max h, max w]``, zero-padded."""
+        bsz = counts.shape[0]
+        if len(image_masks) == 0:
+            return torch.zeros((bsz, 0, 0, 0), dtype=torch.uint8, device=counts.device)
+        m = int(counts.max())
+        h, w = int(geometry[:, 5].max()), int(geometry[:, 4].max())
+        out = torch.zeros((bsz, m, h, w), dtype=torch.uint8, device=counts.device)
+        for b, im in enumerate(image_masks):
+            out[b, : im.shape[0], : im.shape[1], : im.shape[2]] = im
+        return out

@@ -45,7 +45,8 @@ class Tolerance:
 
     min_iou: float = 0.99
     score: float = 0.005
-    keypoint_px: float = 0.5
+    keypoint_px: float = 0.5  # also the OBB corners
+    mask_iou: float = 0.95  # per matched detection, masks at original size
     edge: float = 0.005  # a detection scored within `edge` of conf may be missing on one side
 
 
@@ -59,9 +60,26 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def compare_detections(ours: np.ndarray, ref: np.ndarray, conf: float, tol: Tolerance = Tolerance()) -> list[str]:
-    """Match two detection lists, rows ``[x1, y1, x2, y2, score, class, (kx, ky, kv)*]`` in the same
-    pixel space. Returns the problems found, worst first (empty when they agree)."""
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two binary masks of the same shape (1.0 when both are empty)."""
+    a, b = a.astype(bool), b.astype(bool)
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def compare_detections(
+    ours: np.ndarray,
+    ref: np.ndarray,
+    conf: float,
+    tol: Tolerance = Tolerance(),
+    obb: bool = False,
+    ours_masks: np.ndarray | None = None,
+    ref_masks: np.ndarray | None = None,
+) -> list[str]:
+    """Match two detection lists, rows of the postprocessor contract (``[x1, y1, x2, y2, score, class,
+    (kx, ky, kv)*]``; with ``obb``, ``[..., cx, cy, w, h, angle, 4 corners]``) in the same pixel space,
+    and, when given, their masks ``uint8[n, H, W]``. Returns the problems found, worst first (empty when
+    they agree)."""
     problems: list[tuple[float, str]] = []  # (severity, message)
     used = np.zeros(len(ours), bool)
     ious = box_iou(ref[:, :4], ours[:, :4]) if len(ours) and len(ref) else np.zeros((len(ref), len(ours)))
@@ -79,10 +97,18 @@ def compare_detections(ours: np.ndarray, ref: np.ndarray, conf: float, tol: Tole
         ds = abs(float(ours[o, 4] - ref[r, 4]))
         if ds > tol.score:
             problems.append((ds, f"score differs by {ds:.4f} (ours {ours[o, 4]:.4f}, Ultralytics {ref[r, 4]:.4f})"))
-        if ref.shape[1] > 6:
+        if obb:
+            d = np.abs(ours[o, 11:19] - ref[r, 11:19]).max()
+            if d > tol.keypoint_px:
+                problems.append((d / 100, f"rotated box corner off by {d:.3f} px for class {int(ref[r, 5])}"))
+        elif ref.shape[1] > 6:
             d = np.abs(ours[o, 6:].reshape(-1, 3)[:, :2] - ref[r, 6:].reshape(-1, 3)[:, :2]).max()
             if d > tol.keypoint_px:
                 problems.append((d / 100, f"keypoint off by {d:.3f} px for class {int(ref[r, 5])}"))
+        if ours_masks is not None and ref_masks is not None:
+            m = mask_iou(ours_masks[o], ref_masks[r])
+            if m < tol.mask_iou:
+                problems.append((1 - m, f"mask IoU {m:.4f} < {tol.mask_iou} for class {int(ref[r, 5])}"))
     for o in np.where(~used)[0]:
         if ours[o, 4] - conf > tol.edge:
             problems.append((1.0, f"our detection {ours[o, :6].round(3).tolist()} is not in Ultralytics' output"))
@@ -120,6 +146,15 @@ def ultralytics_reference(
 
     Rows as in the postprocessor contract, in original-image pixels.
     """
+    return [rows for rows, _ in ultralytics_reference_with_masks(loaded, images, params, th, agnostic)]
+
+
+def ultralytics_reference_with_masks(
+    loaded: LoadedModel, images: Tensor, params: list[LetterboxParams], th: Thresholds, agnostic: bool = False
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """As :func:`ultralytics_reference`, plus per image the masks of a segment model, ``uint8[n, orig_h, orig_w]``
+    (``process_mask(..., upsample=True)``, empty masks dropped as the predictor does, then ``scale_masks``
+    to the original size thresholded at 0.5); None for other tasks."""
     import torchvision  # noqa: F401 - YOLO.predict imports it, which makes Ultralytics' NMS use torchvision.ops.nms
     from ultralytics.utils import nms, ops
 
@@ -129,6 +164,9 @@ def ultralytics_reference(
     with torch.no_grad():
         y = loaded.model(images)
     y = y[0] if isinstance(y, (list, tuple)) else y
+    protos = None
+    if loaded.task == "segment":  # ((decoded, protos), raw)
+        y, protos = y
     dets = nms.non_max_suppression(
         y,
         th.conf,
@@ -138,12 +176,27 @@ def ultralytics_reference(
         max_det=th.max_det,
         nc=0 if loaded.task == "detect" else loaded.nc,
         end2end=loaded.end2end,
+        rotated=loaded.task == "obb",
     )
     out = []
-    for d, p in zip(dets, params):
+    for i, (d, p) in enumerate(zip(dets, params)):
         d = d.clone()
         ratio_pad = ((p.gain_y, p.gain_x), (p.pad_left, p.pad_top))
         shape = (p.orig_h, p.orig_w)
+        masks = None
+        if protos is not None:
+            m = ops.process_mask(protos[i], d[:, 6:], d[:, :4], images.shape[2:], upsample=True)  # [n, H, W]
+            keep = m.amax((-2, -1)) > 0
+            d, m = d[keep], m[keep]
+            masks = (ops.scale_masks(m[None].float(), shape, ratio_pad=ratio_pad)[0] > 0.5).byte().numpy()
+            d = d[:, :6]
+        if loaded.task == "obb":  # rows x, y, w, h, score, class, angle
+            rb = torch.cat((d[:, :4], d[:, 6:7]), 1)
+            rb[:, :4] = ops.scale_boxes(images.shape[2:], rb[:, :4], shape, ratio_pad=ratio_pad, xywh=True)
+            corners = ops.xywhr2xyxyxyxy(rb)  # [n, 4, 2]
+            d = torch.cat((corners.amin(1), corners.amax(1), d[:, 4:6], rb, corners.reshape(-1, 8)), 1)
+            out.append((d.numpy(), masks))
+            continue
         d[:, :4] = ops.scale_boxes(images.shape[2:], d[:, :4], shape, ratio_pad=ratio_pad)
         if loaded.kpt_shape is not None:
             k = d[:, 6:].view(len(d), *loaded.kpt_shape)
@@ -151,7 +204,7 @@ def ultralytics_reference(
             if loaded.kpt_shape[1] == 2:
                 k = torch.cat((k, torch.ones_like(k[..., :1])), -1)
             d = torch.cat((d[:, :6], k.reshape(len(d), -1)), 1)
-        out.append(d.numpy())
+        out.append((d.numpy(), masks))
     return out
 
 
@@ -159,7 +212,7 @@ def low_threshold(loaded: LoadedModel, images: Tensor, candidates: int = 100) ->
     """A confidence threshold that lets about ``candidates`` boxes per image through, so that a
     random-weight model (scores ~1e-5) still has something to compare."""
     with torch.no_grad():
-        out = RawHead(loaded)(images)
+        out = RawHead(loaded)(images)[: len(loaded.strides)]  # the levels (a segment model appends its prototypes)
     logits = torch.cat([o[:, 4 * loaded.reg_max : 4 * loaded.reg_max + loaded.nc].flatten(2) for o in out], 2)
     best = logits.sigmoid().amax(1).flatten()  # [B * A]
     k = min(candidates * images.shape[0], best.numel())
@@ -172,51 +225,81 @@ def check_decode(
     image: np.ndarray,
     classes: tuple[int, ...] | None = None,
     agnostic: bool = False,
+    candidates: int = 100,
 ) -> int:
     """Same letterboxed input, our backbone+postprocessor vs Ultralytics' decode+NMS, at a low
-    threshold. Returns how many detections were compared."""
+    threshold that lets about ``candidates`` boxes through. Returns how many detections were compared."""
     item = pipeline.prepare(image)
     x = pipeline.to_input([item.pixels])
-    conf = low_threshold(loaded, x)
+    conf = low_threshold(loaded, x, candidates)
     th = Thresholds(conf=conf, iou=0.7, max_det=300, classes=classes)
-    ref = ultralytics_reference(loaded, x, [item.params], th, agnostic)[0]
+    ref, ref_masks = ultralytics_reference_with_masks(loaded, x, [item.params], th, agnostic)[0]
     with torch.no_grad():
         feats = list(pipeline.backbone(x))
         geometry = torch.tensor([item.params.as_row()])
-        dets, counts = pipeline.postprocess(feats, geometry, *threshold_tensors([th], loaded.nc), agnostic)
-    ours = dets[0, : int(counts[0])].numpy()
-    exact = Tolerance(min_iou=0.999, score=1e-5, keypoint_px=0.01, edge=0.0)
+        dets, counts, masks = pipeline.postprocess(feats, geometry, *threshold_tensors([th], loaded.nc), agnostic)
+    n = int(counts[0])
+    ours = dets[0, :n].numpy()
+    ours_masks = masks[0, :n, : item.params.orig_h, : item.params.orig_w].numpy() if ref_masks is not None else None
+    exact = Tolerance(min_iou=0.999, score=1e-5, keypoint_px=0.01, mask_iou=0.95, edge=0.0)
     if len(ours) != len(ref):
         raise VerificationError(f"decode check: {len(ours)} detections, Ultralytics has {len(ref)} (conf {conf:.3g})")
-    _raise_if(compare_detections(ours, ref, conf, exact), "decode check")
+    problems = compare_detections(ours, ref, conf, exact, loaded.task == "obb", ours_masks, ref_masks)
+    _raise_if(problems, "decode check")
     return len(ref)
 
 
-def ultralytics_predict(loaded: LoadedModel, image_path: Path, imgsz, rect: bool = True) -> np.ndarray:
-    """``YOLO(weights).predict(image_path)`` with default settings, as rows of our contract.
+def ultralytics_predict(
+    loaded: LoadedModel, image_path: Path, imgsz, rect: bool = True, conf: float = Thresholds().conf
+) -> np.ndarray:
+    """``YOLO(weights).predict(image_path)`` with default settings, as rows of our contract."""
+    return ultralytics_predict_with_masks(loaded, image_path, imgsz, rect, conf)[0]
 
-    ``rect=True`` is predict's own default (minimal padding); ``rect=False`` pads to the full square."""
+
+def ultralytics_predict_with_masks(
+    loaded: LoadedModel, image_path: Path, imgsz, rect: bool = True, conf: float = Thresholds().conf
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``YOLO(weights).predict(image_path)`` with default settings, as rows of our contract, and for a
+    segment model its ``results.masks`` mapped to the original size the way Ultralytics maps them
+    (``scale_masks`` from the letterboxed input, threshold 0.5).
+
+    ``rect=True`` is predict's own default (minimal padding); ``rect=False`` pads to the full square;
+    ``conf`` is predict's score threshold (a random-weight model needs a low one)."""
+    from ultralytics.utils import ops
+
     yolo = build_yolo(loaded.source, loaded.path, loaded.seed)
     yolo.model.end2end = loaded.end2end  # the head the export uses (AutoBackend keeps it)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = yolo.predict(str(image_path), imgsz=imgsz, rect=rect, verbose=False)[0]
+        r = yolo.predict(str(image_path), imgsz=imgsz, rect=rect, conf=conf, verbose=False)[0]
+    if loaded.task == "obb":
+        o = r.obb
+        rows = [o.xyxy, o.conf[:, None], o.cls[:, None], o.xywhr, o.xyxyxyxy.reshape(-1, 8)]
+        return torch.cat(rows, 1).cpu().numpy(), None
     rows = [r.boxes.xyxy, r.boxes.conf[:, None], r.boxes.cls[:, None]]
     if r.keypoints is not None and loaded.kpt_shape is not None:
         k = r.keypoints.data
         if k.shape[-1] == 2:
             k = torch.cat((k, torch.ones_like(k[..., :1])), -1)
         rows.append(k.reshape(len(k), 3 * loaded.kpt_shape[0]))
-    return torch.cat(rows, 1).cpu().numpy()
+    masks = None
+    if loaded.task == "segment":
+        h, w = r.orig_shape
+        data = r.masks.data if r.masks is not None else torch.zeros((0, 1, 1))
+        masks = (ops.scale_masks(data[None].float(), (h, w))[0] > 0.5).byte().cpu().numpy() if len(data) else np.zeros((0, h, w), np.uint8)
+    return torch.cat(rows, 1).cpu().numpy(), masks
 
 
 def check_predict(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path) -> int:
     """Served pipeline vs ``YOLO.predict`` on one image file; returns the number of detections."""
     image = decode_image(Path(image_path).read_bytes())
-    ours = pipeline.infer([pipeline.prepare(image)])[0][0].numpy()
-    ref = ultralytics_predict(loaded, image_path, pipeline.imgsz, rect=pipeline.letterbox_mode == "rect")
+    rows, masks, _ = pipeline.infer_with_masks([pipeline.prepare(image)])
+    ours = rows[0].numpy()
+    ours_masks = masks[0].numpy() if masks[0] is not None else None
+    ref, ref_masks = ultralytics_predict_with_masks(loaded, image_path, pipeline.imgsz, rect=pipeline.letterbox_mode == "rect")
     tol = Tolerance()
-    _raise_if(compare_detections(ours, ref, Thresholds().conf, tol), f"predict check on {Path(image_path).name}")
+    problems = compare_detections(ours, ref, Thresholds().conf, tol, loaded.task == "obb", ours_masks, ref_masks)
+    _raise_if(problems, f"predict check on {Path(image_path).name}")
     return len(ref)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from handler.pipeline import Prepared, StageTimes, YoloPipeline
-from handler.response import MS_DECIMALS, SCORE_DECIMALS, ModelInfo
+from handler.response import MS_DECIMALS, SCORE_DECIMALS, ModelInfo, ResponseOptions
 
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000  # above nc the postprocessor returns all nc classes
@@ -66,9 +66,25 @@ class ClassifyPipeline(YoloPipeline):
         times.forwards.append((len(items), *items[0].pixels.shape[:2]))
         return results, times
 
+    def infer_with_masks(self, items: list[Prepared]) -> tuple[list[Tensor], list[None], StageTimes]:
+        """:meth:`infer` in the handler's calling convention; a classify model has no masks."""
+        results, times = self.infer(items)
+        return results, [None] * len(results), times
 
-def classify_json(top: Tensor, width: int, height: int, info: ModelInfo, speed_ms: dict[str, float]) -> dict:
-    """``top: float32[k, 2]`` rows ``(class_id, score)`` of one image (CPU) -> response body."""
+
+def classify_json(
+    top: Tensor,
+    width: int,
+    height: int,
+    info: ModelInfo,
+    speed_ms: dict[str, float],
+    masks: None = None,
+    options: ResponseOptions | None = None,
+) -> dict:
+    """``top: float32[k, 2]`` rows ``(class_id, score)`` of one image (CPU) -> response body.
+
+    ``masks`` and ``options`` are there for the handler's one calling convention (see
+    :func:`handler.response.image_json`); neither applies to a classify model."""
     return {
         "model": info.name,
         "task": info.task,

@@ -27,6 +27,30 @@ COCO_SKELETON: tuple[tuple[int, int], ...] = (
     (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
 )
 KEYPOINT_MIN_VISIBILITY = 0.5  # Ultralytics' default for drawing a keypoint
+MASK_ALPHA = 0.5  # opacity of a drawn instance mask, as Ultralytics' plot
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """A response's ``{"size": [H, W], "counts": "<COCO RLE string>"}`` -> ``uint8[H, W]`` 0/1
+    (pycocotools' ``rleFrString`` + ``rleDecode``, so the client needs no pycocotools)."""
+    h, w = rle["size"]
+    counts: list[int] = []
+    data, i = rle["counts"].encode("ascii"), 0
+    while i < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            c = data[i] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            i, k = i + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    values = np.zeros(len(counts), np.uint8)
+    values[1::2] = 1
+    return np.repeat(values, counts).reshape(w, h).T  # column-major
 
 
 def load_token(key_file: Path, api: str = "inference") -> str | None:
@@ -63,16 +87,24 @@ def _draw_top(out: np.ndarray, top: list[dict], thick: int) -> np.ndarray:
 
 
 def draw(image: np.ndarray, result: dict) -> np.ndarray:
-    """Boxes, labels and (pose models) the COCO skeleton on a copy of ``image: uint8[H, W, 3]`` BGR;
-    for a classify response, its top-k labels and scores."""
+    """Boxes (rotated ones for OBB models), labels, semi-transparent masks (segment models) and the COCO
+    skeleton (pose models) on a copy of ``image: uint8[H, W, 3]`` BGR; for a classify response, its
+    top-k labels and scores."""
     out = image.copy()
     thick = max(1, round(sum(out.shape[:2]) / 600))
     if "top" in result:
         return _draw_top(out, result["top"], thick)
+    for det in result["detections"]:  # masks first, so that boxes and labels stay readable
+        if "mask" in det:
+            mask = decode_rle(det["mask"]).astype(bool)
+            out[mask] = (out[mask] * (1 - MASK_ALPHA) + np.array(_color(det["class_id"])) * MASK_ALPHA).astype(np.uint8)
     for det in result["detections"]:
         x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
         color = _color(det["class_id"])
-        cv2.rectangle(out, (x1, y1), (x2, y2), color, thick, cv2.LINE_AA)
+        if "corners" in det:
+            cv2.polylines(out, [np.round(det["corners"]).astype(np.int32)], True, color, thick, cv2.LINE_AA)
+        else:
+            cv2.rectangle(out, (x1, y1), (x2, y2), color, thick, cv2.LINE_AA)
         label = f"{det['class_name']} {det['score']:.2f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, thick / 3, max(1, thick - 1))
         top, left = max(y1 - th - base, 0), max(min(x1, out.shape[1] - tw), 0)  # keep the label inside the image
@@ -101,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iou", type=float, help="NMS IoU threshold for this request")
     p.add_argument("--max-det", type=int, help="detections to return at most")
     p.add_argument("--classes", help="comma-separated class ids or names, e.g. person,0")
+    p.add_argument("--polygons", action="store_true", help="segment models: also return each mask's outline")
     p.add_argument("--top-k", type=int, help="classify models: how many classes to return (default 5)")
     p.add_argument("--save", type=Path, help="write the image with the detections (classify: the top-k labels) drawn on it")
     return p.parse_args(argv)
@@ -110,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = args.image.read_bytes()
     params = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "classes": args.classes, "top_k": args.top_k}
+    if args.polygons:
+        params["polygons"] = "true"
     r = predict(data, args.url, load_token(args.key_file), params)
     try:
         body = r.json()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from handler.preprocess import ImageParams, image_transform
 
-CONTRACT_VERSION = 1  # must equal export.postprocess.CONTRACT_VERSION of the files we load
+CONTRACT_VERSION = 2  # must equal export.postprocess.CONTRACT_VERSION of the files we load
 METADATA_FILE = "metadata.json"  # key in the TorchScript _extra_files, and the file export writes
 BACKBONE_FILE = "backbone.pt"
 POSTPROCESS_FILE = "postprocess.pt"
@@ -174,10 +174,17 @@ class YoloPipeline:
         return (batch.half() if self.half else batch.float()).div_(255)
 
     def infer(self, items: list[Prepared]) -> tuple[list[Tensor], StageTimes]:
-        """Run prepared images; returns per image ``float32[n_i, 6 + 3 * nkpt]`` on CPU (see the
+        """Run prepared images; returns per image ``float32[n_i, ncols]`` on CPU (see the
         postprocessor contract in ``export/postprocess.py``) and the stage times."""
+        results, _, times = self.infer_with_masks(items)
+        return results, times
+
+    def infer_with_masks(self, items: list[Prepared]) -> tuple[list[Tensor], list[Tensor | None], StageTimes]:
+        """As :meth:`infer`, plus per image the instance masks of a segment model,
+        ``uint8[n_i, orig_h, orig_w]`` 0/1 on CPU, row ``j`` belonging to detection ``j`` (None for other tasks)."""
         times = StageTimes()
         results: list[Tensor] = [torch.empty(0)] * len(items)
+        masks: list[Tensor | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.pixels.shape[:2], []).append(i)
@@ -189,15 +196,19 @@ class YoloPipeline:
                 t1 = time.perf_counter()
                 geometry = torch.tensor([items[i].params.as_row() for i in idx], dtype=torch.float32)
                 thresholds = threshold_tensors([items[i].thresholds for i in idx], self.nc)
-                dets, counts = self.postprocess(feats, geometry, *thresholds)
-                dets, counts = dets.cpu(), counts.cpu()
+                dets, counts, group_masks = self.postprocess(feats, geometry, *thresholds)
+                dets, counts, group_masks = dets.cpu(), counts.cpu(), group_masks.cpu()
                 t2 = time.perf_counter()
                 for row, i in enumerate(idx):
-                    results[i] = dets[row, : int(counts[row])]
+                    n = int(counts[row])
+                    results[i] = dets[row, :n]
+                    if self.metadata.get("task") == "segment":
+                        p = items[i].params
+                        masks[i] = group_masks[row, :n, : p.orig_h, : p.orig_w]
                 times.inference += (t1 - t0) * 1000
                 times.postprocess += (t2 - t1) * 1000
                 times.forwards.append((len(idx), h, w))
-        return results, times
+        return results, masks, times
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -9,7 +9,7 @@ How TorchServe hands a request to ``handle()`` (one dict per request, "row"):
 * multipart form: one key per field, every value a ``bytearray``; the image is in ``image``,
   ``data`` or ``file``;
 * ``application/json``: ``{"body": dict}``, the dict being ``{"image": "<base64>", "conf": ..,
-  "iou": .., "max_det": .., "classes": [..]}`` (TorchServe passes bytes when the JSON is invalid);
+  "iou": .., "max_det": .., "classes": [..], "polygons": true}`` (TorchServe passes bytes when the JSON is invalid);
 * parameters given as multipart text fields or as query parameters (``?conf=0.5&classes=person,0``)
   arrive as extra keys of the row, ``bytearray`` values, with every form above. Caveat measured on
   TorchServe 0.12: ``/predictions/NAME`` drops the query string before the handler sees it (its
@@ -17,6 +17,8 @@ How TorchServe hands a request to ``handle()`` (one dict per request, "row"):
   passes query parameters through (``model_name`` is ignored here).
 
 A parameter may be given once: in the query string / form fields, or in the JSON body.
+``polygons`` (``true``/``false``, ``1``/``0``) asks a segment model for mask outlines besides the RLE
+masks; other models ignore it.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from typing import Any, Sequence
 from handler.classify import TopK
 from handler.errors import InvalidImage, InvalidParameter, RequestError, UnsupportedMediaType
 from handler.pipeline import Prepared, Thresholds
+from handler.response import ResponseOptions
 
 IMAGE_FIELDS: tuple[str, ...] = ("image", "data", "file")  # multipart fields that may carry the image
-DETECTION_PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes")
+DETECTION_PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes", "polygons")
 CLASSIFY_PARAMETERS: tuple[str, ...] = ("top_k",)
 PARAMETERS: tuple[str, ...] = DETECTION_PARAMETERS + CLASSIFY_PARAMETERS
 # Query parameters TorchServe itself uses for routing (``POST /invocations?model_name=yolo``).
@@ -51,6 +54,7 @@ class PreparedRequest:
     width: int  # original image size
     height: int
     preprocess_ms: float  # parse + decode + letterbox of this request
+    options: ResponseOptions = ResponseOptions()  # what the response carries besides detections
 
 
 def _text(name: str, value: Any) -> Any:
@@ -79,6 +83,19 @@ def _int(name: str, value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise InvalidParameter(f"{name} must be an integer, got {value!r}") from None
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
+        return value.lower() in ("true", "1")
+    raise InvalidParameter(f"{name} must be true or false, got {value!r}")
+
+
+def options_from(params: dict[str, Any]) -> ResponseOptions:
+    """The request's response options (``polygons``)."""
+    return ResponseOptions(polygons=_bool("polygons", params["polygons"]) if "polygons" in params else False)
 
 
 def parse_classes(value: Any, names: Sequence[str]) -> tuple[int, ...]:
@@ -160,6 +177,14 @@ def parse_request(
     ``content_type`` is the request's Content-Type when known; it only sharpens error messages
     (TorchServe passes invalid JSON on as bytes).
     """
+    image, thresholds, _ = parse_served_request(row, defaults, names, content_type)
+    return image, thresholds
+
+
+def parse_served_request(
+    row: dict, defaults: Thresholds | TopK, names: Sequence[str], content_type: str | None = None
+) -> tuple[bytes, Thresholds | TopK, ResponseOptions]:
+    """As :func:`parse_request`, plus the request's :class:`ResponseOptions`."""
     if not isinstance(row, dict):
         raise UnsupportedMediaType(f"unexpected request layout; {_HOW_TO_SEND}")
     params = {k: _text(k, v) for k, v in row.items() if k in PARAMETERS}
@@ -175,8 +200,8 @@ def parse_request(
     if unknown:
         raise InvalidParameter(f"unknown parameter(s) {sorted(unknown)}; the parameters are {list(PARAMETERS)}")
     if isinstance(defaults, TopK):
-        return image, top_k_from(params, defaults, names)
-    return image, thresholds_from(params, defaults, names)
+        return image, top_k_from(params, defaults, names), ResponseOptions()
+    return image, thresholds_from(params, defaults, names), options_from(params)
 
 
 def _image_from(key: str, value: Any, params: dict[str, Any], content_type: str | None) -> bytes:

@@ -1,4 +1,4 @@
-"""TorchServe handler for exported Ultralytics YOLO detect, pose and classify models.
+"""TorchServe handler for exported Ultralytics YOLO detect, pose, segment, OBB and classify models.
 
 Thin on purpose: request parsing is ``handler/request.py``, decoding ``handler/decode.py``,
 letterbox + batching + the two TorchScript files ``handler/pipeline.py`` (classify models:
@@ -27,8 +27,8 @@ from handler.config import HandlerConfig
 from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
 from handler.pipeline import Prepared, Thresholds, YoloPipeline, load_artifacts
-from handler.request import PreparedRequest, parse_request
-from handler.response import ModelInfo, image_json
+from handler.request import PreparedRequest, parse_served_request
+from handler.response import ModelInfo, ResponseOptions, image_json
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class YoloHandler(BaseHandler):
         for idx, row in enumerate(data):
             t0 = time.perf_counter()
             try:
-                prepared, (h, w) = self._prepare(row, _content_type(context, idx))
+                prepared, (h, w), options = self._prepare(row, _content_type(context, idx))
             except RequestError as e:
                 self._reject(context, idx, e, results)
                 continue
@@ -137,29 +137,29 @@ class YoloHandler(BaseHandler):
                 logger.exception("request %d of the batch failed unexpectedly", idx)
                 self._reject(context, idx, InternalError("unexpected error while reading the request"), results)
                 continue
-            items.append(PreparedRequest(idx, prepared, w, h, (time.perf_counter() - t0) * 1000))
+            items.append(PreparedRequest(idx, prepared, w, h, (time.perf_counter() - t0) * 1000, options))
         forwards = self._infer(items, results, context) if items else []
         logger.info("batch of %d request(s): %d served, forwards (n, h, w) %s", len(data), len(items), forwards)
         _record(context, METRIC_BATCH_SIZE, len(data), unit="count")
         return results
 
-    def _prepare(self, row, content_type: str | None) -> tuple[Prepared, tuple[int, int]]:
-        image_bytes, thresholds = parse_request(row, self.defaults, self.pipeline.names, content_type)
+    def _prepare(self, row, content_type: str | None) -> tuple[Prepared, tuple[int, int], ResponseOptions]:
+        image_bytes, thresholds, options = parse_served_request(row, self.defaults, self.pipeline.names, content_type)
         try:
             image = decode_image(image_bytes, self.config.max_image_pixels)
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise from_decode_error(e) from None
         except cv2.error as e:  # OpenCV can throw on malformed files instead of returning None
             raise InvalidImage(f"could not decode the image: {str(e).strip().splitlines()[-1]}") from None
-        return self.pipeline.prepare(image, thresholds), image.shape[:2]
+        return self.pipeline.prepare(image, thresholds), image.shape[:2], options
 
     def _infer(self, items: list[PreparedRequest], results: list, context) -> list[tuple[int, int, int]]:
         """Run the good requests in one call; fill their result slots; return the forwards (n, h, w)."""
-        outputs, times = self.pipeline.infer([it.prepared for it in items])
+        outputs, masks, times = self.pipeline.infer_with_masks([it.prepared for it in items])
         n = len(items)
-        for it, dets in zip(items, outputs):
+        for it, dets, image_masks in zip(items, outputs, masks):
             speed = {"preprocess": it.preprocess_ms, "inference": times.inference / n, "postprocess": times.postprocess / n}
-            results[it.idx] = self.to_json(dets, it.width, it.height, self.info, speed)
+            results[it.idx] = self.to_json(dets, it.width, it.height, self.info, speed, image_masks, it.options)
         _record(context, METRIC_PREPROCESS, sum(it.preprocess_ms for it in items))
         _record(context, METRIC_INFERENCE, times.inference)
         _record(context, METRIC_POSTPROCESS, times.postprocess)

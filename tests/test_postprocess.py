@@ -23,6 +23,16 @@ PUBLIC_FUNCTIONS = [
     pp.select_nms,
     pp.select_topk,
     pp.unletterbox_points,
+    pp.decode_rboxes,
+    pp.rbox_covariance,
+    pp.batch_probiou,
+    pp.nms_rotated,
+    pp.select_nms_rotated,
+    pp.rbox_corners,
+    pp.unletterbox_rboxes,
+    pp.crop_to_boxes,
+    pp.input_masks,
+    pp.unletterbox_masks,
 ]
 
 
@@ -187,7 +197,7 @@ def test_no_detections_gives_zero_padding_and_zero_counts(end2end):
     m = _module(end2end)
     feats = _feats(2, 64, 96, 64 + 3, fill=-20.0)  # every class logit -20: sigmoid ~2e-9
     geometry = torch.tensor([[0.0, 0.0, 1.0, 1.0, 96.0, 64.0]] * 2)
-    dets, counts = m(feats, geometry, torch.tensor([0.25, 0.25]), torch.tensor([0.7, 0.7]), torch.tensor([7, 3]))
+    dets, counts, _ = m(feats, geometry, torch.tensor([0.25, 0.25]), torch.tensor([0.7, 0.7]), torch.tensor([7, 3]))
     assert dets.shape == (2, 7, 6) and dets.dtype == torch.float32
     assert counts.tolist() == [0, 0]
     assert not dets.any()
@@ -199,7 +209,7 @@ def test_output_shape_counts_and_inverse_letterbox():
     feats = _feats(2, 64, 96, 64 + 1 + 51)
     # image 0: 192x128 original, scaled by 0.5, padded 0; image 1: 96x64 with 10/6 px padding
     geometry = torch.tensor([[0.0, 0.0, 0.5, 0.5, 192.0, 128.0], [10.0, 6.0, 1.0, 1.0, 76.0, 52.0]])
-    dets, counts = m(feats, geometry, torch.tensor([0.0, 0.0]), torch.tensor([0.7, 0.7]), torch.tensor([50, 4]))
+    dets, counts, _ = m(feats, geometry, torch.tensor([0.0, 0.0]), torch.tensor([0.7, 0.7]), torch.tensor([50, 4]))
     assert dets.shape == (2, 50, 6 + 51)
     assert counts[1] == 4 and counts[0] > 4
     for b, (w, h) in enumerate([(192, 128), (76, 52)]):
@@ -219,8 +229,8 @@ def test_per_image_thresholds_and_class_mask_are_independent():
     two = [torch.cat((f, f)) for f in one]
     geometry = torch.tensor([[0.0, 0.0, 1.0, 1.0, 64.0, 64.0]] * 2)
     mask = torch.tensor([[True, True, True], [False, True, False]])
-    dets, counts = m(two, geometry, torch.tensor([0.1, 0.3]), torch.tensor([0.7, 0.5]), torch.tensor([300, 300]), mask)
-    alone, n = m(one, geometry[:1], torch.tensor([0.1]), torch.tensor([0.7]), torch.tensor([300]))
+    dets, counts, _ = m(two, geometry, torch.tensor([0.1, 0.3]), torch.tensor([0.7, 0.5]), torch.tensor([300, 300]), mask)
+    alone, n, _ = m(one, geometry[:1], torch.tensor([0.1]), torch.tensor([0.7]), torch.tensor([300]))
     assert torch.equal(dets[0, : counts[0]], alone[0, : n[0]])
     rest = dets[1, : counts[1]]
     assert counts[1] > 0 and (rest[:, 5] == 1).all() and (rest[:, 4] > 0.3).all()
@@ -255,7 +265,7 @@ def test_postprocess_pt_loads_without_ultralytics_or_torchvision(tmp_path):
         warnings.simplefilter('ignore', FutureWarning)
         m = torch.jit.load({str(path)!r})
         feats = [torch.randn(1, 64 + 3 + 51, 64 // s, 64 // s) for s in (8, 16, 32)]
-        d, n = m(feats, torch.tensor([[0., 0., 1., 1., 64., 64.]]), torch.tensor([0.0]), torch.tensor([0.7]),
+        d, n, _ = m(feats, torch.tensor([[0., 0., 1., 1., 64., 64.]]), torch.tensor([0.0]), torch.tensor([0.7]),
                  torch.tensor([10]))
         assert d.shape == (1, 10, 57) and int(n[0]) == 10, (d.shape, n)
         assert 'torchvision' not in sys.modules and 'ultralytics' not in sys.modules
@@ -264,3 +274,138 @@ def test_postprocess_pt_loads_without_ultralytics_or_torchvision(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+# ---- oriented boxes -------------------------------------------------------------------------------
+
+
+def _random_rboxes(n, seed, spread=100.0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * spread
+    wh = torch.rand(n, 2, generator=g) * 40 + 2
+    angle = (torch.rand(n, 1, generator=g) - 0.25) * torch.pi
+    return torch.cat((xy, wh, angle), 1), torch.rand(n, generator=g)
+
+
+def test_probiou_matches_ultralytics():
+    from ultralytics.utils.metrics import batch_probiou
+
+    a, _ = _random_rboxes(40, 0)
+    b, _ = _random_rboxes(30, 1)
+    assert torch.allclose(_script(pp.batch_probiou)(a, b), batch_probiou(a, b), atol=1e-6)
+
+
+def reference_fast_nms(rboxes, scores, thr):
+    """Slow, readable Fast-NMS: visit boxes by descending score; drop one whose probabilistic IoU with
+    any earlier box (kept or not) is > thr."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    keep = []
+    for pos, i in enumerate(order):
+        earlier = order[:pos]
+        if not any(float(pp.batch_probiou(rboxes[j : j + 1], rboxes[i : i + 1])[0, 0]) > thr for j in earlier):
+            keep.append(i)
+    return keep
+
+
+@pytest.mark.parametrize("seed,thr", list(itertools.product([0, 1, 2], [0.1, 0.5, 0.7])))
+def test_nms_rotated_matches_slow_reference(seed, thr):
+    rboxes, scores = _random_rboxes(60, seed)
+    keep = _script(pp.nms_rotated)(rboxes, scores, thr, 1000, 7)  # block of 7 rows: the blocking is exercised
+    assert keep.tolist() == reference_fast_nms(rboxes, scores, thr)
+
+
+def test_nms_rotated_matches_ultralytics_fast_nms():
+    from ultralytics.utils.metrics import batch_probiou
+    from ultralytics.utils.nms import TorchNMS
+
+    rboxes, scores = _random_rboxes(300, 3, spread=300.0)
+    ref = TorchNMS.fast_nms(rboxes, scores, 0.5, iou_func=batch_probiou)
+    assert _script(pp.nms_rotated)(rboxes, scores, 0.5, 1000).tolist() == ref.tolist()
+    assert _script(pp.nms_rotated)(rboxes[:0], scores[:0], 0.5, 10).shape == (0,)
+    assert _script(pp.nms_rotated)(rboxes, scores, 0.5, 3).tolist() == ref[:3].tolist()
+
+
+@pytest.mark.parametrize("obb26", [False, True])
+def test_rotated_box_decode_matches_ultralytics_heads(obb26):
+    from ultralytics.nn.modules.head import OBB, OBB26
+
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(1, 8, 6, 4, generator=g), torch.randn(1, 8, 3, 2, generator=g)]
+    head = (OBB26 if obb26 else OBB)(nc=2, ne=1, reg_max=16, ch=(8, 8)).eval()
+    head.stride = torch.tensor([8.0, 16.0])
+    with torch.no_grad():
+        raw = head.forward_head(feats, **head.one2many)  # boxes, scores, angle (decoded by the head)
+        ref = head._inference(raw)  # [1, 4 + nc + 1, A]: cx, cy, w, h, scores, angle
+        angle_logits = torch.cat([head.cv4[i](feats[i]).flatten(2) for i in range(2)], 2)  # [1, 1, A]
+    anchors, stride = pp.make_anchors(feats, [8.0, 16.0])
+    angle = angle_logits[:, 0] if obb26 else (angle_logits[:, 0].sigmoid() - 0.25) * torch.pi
+    ours = pp.decode_rboxes(pp.dfl_distances(raw["boxes"], 16), angle, anchors, stride)  # [1, A, 4]
+    assert torch.allclose(angle, ref[:, -1], atol=1e-6)
+    assert torch.allclose(ours.permute(0, 2, 1), ref[:, :4], atol=1e-3)
+
+
+def test_rbox_corners_and_unletterbox_match_ultralytics():
+    from ultralytics.utils import ops
+
+    rboxes, _ = _random_rboxes(20, 4)
+    assert torch.allclose(pp.rbox_corners(rboxes), ops.xywhr2xyxyxyxy(rboxes), atol=1e-5)
+    geometry = torch.tensor([3.0, 7.0, 0.5, 0.48, 400.0, 300.0])  # pad_left, pad_top, gain_x, gain_y, w, h
+    ref = rboxes.clone()
+    ref[:, :4] = ops.scale_boxes((0, 0), ref[:, :4], (300, 400), ratio_pad=((0.48, 0.5), (3.0, 7.0)), xywh=True)
+    assert torch.allclose(pp.unletterbox_rboxes(rboxes, geometry), ref, atol=1e-4)
+
+
+# ---- instance masks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masks_match_ultralytics_process_and_scale_masks(seed):
+    from ultralytics.utils import ops
+
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(32, 40, 56, generator=g)  # input 160 x 224
+    coeffs = torch.randn(6, 32, generator=g)
+    xy = torch.rand(6, 2, generator=g) * torch.tensor([150.0, 110.0])
+    boxes = torch.cat((xy, xy + torch.rand(6, 2, generator=g) * 60 + 5), 1)  # xyxy input pixels
+    ours = _script(pp.input_masks)(protos, coeffs, boxes, [160, 224], 4)
+    ref = ops.process_mask(protos, coeffs, boxes.clone(), (160, 224), upsample=True)
+    assert torch.equal(ours, ref.bool())
+    # the original image 420 x 300 was resized by 0.5 to 210 x 150 and padded 7 left, 5 top
+    geometry = torch.tensor([7.0, 5.0, 0.5, 0.5, 420.0, 300.0])
+    orig = _script(pp.unletterbox_masks)(ours, geometry, 4)
+    want = ops.scale_masks(ref[None].float(), (300, 420), ratio_pad=((0.5, 0.5), (7.0, 5.0)))[0] > 0.5
+    assert orig.dtype == torch.uint8 and torch.equal(orig.bool(), want)
+
+
+def _seg_module(end2end=False, nc=3, nm=4):
+    return _script(pp.YoloPostprocess(nc, 16, [8.0, 16.0, 32.0], end2end, nm=nm))
+
+
+def test_segment_output_masks_belong_to_their_rows():
+    m = _seg_module()
+    torch.manual_seed(0)
+    feats = _feats(2, 64, 96, 64 + 3 + 4) + [torch.randn(2, 4, 16, 24)]
+    # image 0: 192x128 original scaled by 0.5; image 1: 96x64, no scaling
+    geometry = torch.tensor([[0.0, 0.0, 0.5, 0.5, 192.0, 128.0], [0.0, 0.0, 1.0, 1.0, 96.0, 64.0]])
+    dets, counts, masks = m(feats, geometry, torch.tensor([0.3, 0.3]), torch.tensor([0.5, 0.5]), torch.tensor([20, 5]))
+    assert dets.shape == (2, 20, 6) and masks.dtype == torch.uint8
+    assert masks.shape == (2, int(counts.max()), 128, 192)
+    assert int(counts[1]) <= 5
+    for b in range(2):
+        n = int(counts[b])
+        assert n > 0
+        assert not masks[b, n:].any(), "rows after the count carry no mask"
+        oh, ow = int(geometry[b, 5]), int(geometry[b, 4])
+        assert not masks[b, :, oh:].any() and not masks[b, :, :, ow:].any(), "nothing outside the image"
+        for i in range(n):
+            ys, xs = torch.nonzero(masks[b, i], as_tuple=True)
+            assert len(ys) > 0, "an empty mask is dropped with its detection"
+            x1, y1, x2, y2 = dets[b, i, :4].tolist()
+            # a mask lies within its box (up to the bilinear resize's one-pixel spill)
+            assert xs.min() >= x1 - 2 and xs.max() <= x2 + 1 and ys.min() >= y1 - 2 and ys.max() <= y2 + 1
+
+
+def test_non_segment_models_return_an_empty_mask_tensor():
+    dets, counts, masks = _module()(_feats(1, 64, 64, 64 + 3), torch.tensor([[0.0, 0.0, 1.0, 1.0, 64.0, 64.0]]),
+                                    torch.tensor([0.1]), torch.tensor([0.7]), torch.tensor([5]))
+    assert masks.shape == (1, 0, 0, 0)

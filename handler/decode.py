@@ -52,7 +52,8 @@ def _header_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
         return None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
+            # We apply our own limit; Pillow's complaints about a damaged header are not ours to log.
+            warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 return im.size
     except Image.DecompressionBombError as e:  # Pillow refuses > 2 x its MAX_IMAGE_PIXELS from the header

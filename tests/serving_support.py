@@ -52,3 +52,17 @@ def check_schema(body: dict, pose: bool) -> None:
         assert 0 <= d["score"] <= 1 and isinstance(d["class_id"], int) and isinstance(d["class_name"], str)
         if pose:
             assert len(d["keypoints"]) == 17 and all(len(k) == 3 for k in d["keypoints"])
+
+
+def build_test_store(export_dir, tmp_path_factory, name: str, handler_settings: dict):
+    """``yolo.mar`` with ``handler_settings`` in a fresh model store. torch-model-archiver stages files in
+    ``$TMPDIR/<model name>``, so the build gets a private TMPDIR: parallel builds never share it."""
+    import pytest
+
+    from export.archive import build_archive
+
+    store = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp(f"{name}_archiver_tmp")))
+        build_archive(export_dir, "yolo", store, handler_settings=handler_settings)
+    return store

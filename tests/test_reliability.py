@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from export.archive import build_archive
 from export.bad_inputs import bad_probes
 from export.loadtest import (
     RESPONSE_TIMEOUT_S, build_mix, check_answer, kill_worker_under_load, load_test, mixed_batch_count, restart, valid_probes,
 )
 from export.server import running_server
+from serving_support import build_test_store
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +30,7 @@ def images(sample_images) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def store(pose_export, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reliability_store")
-    # torch-model-archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps parallel builds apart.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("archiver_tmp")))
-        build_archive(pose_export.out_dir, "yolo", out, handler_settings={"torch_threads": 1, "warmup": 1})
-    return out
+    return build_test_store(pose_export.out_dir, tmp_path_factory, "reliability_store", {"torch_threads": 1, "warmup": 1})
 
 
 @pytest.fixture(scope="module")

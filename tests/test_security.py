@@ -14,6 +14,7 @@ import requests
 
 from export.server import REPO_CONFIG, TorchServe, running_server
 from handler.client import is_token_rejected, predict_with_key_file, renew_token
+from serving_support import build_test_store
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
 EXPIRY_MIN = 0.1  # 6 s: TorchServe reads token_expiration_min as a decimal number of minutes
@@ -123,12 +124,7 @@ def test_export_warns_that_a_pt_checkpoint_is_unpickled(tmp_path, capsys):
 def short_key_server(pose_export, tmp_path_factory):
     """The shipped config with keys that expire after 6 s. Readiness polling renews the management key
     with the API key whenever it has expired: the recovery path the client uses for the inference key."""
-    from export.archive import build_archive
-
-    store = tmp_path_factory.mktemp("security_store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("archiver_tmp")))
-        build_archive(pose_export.out_dir, "yolo", store, handler_settings={"torch_threads": 1, "warmup": 0})
+    store = build_test_store(pose_export.out_dir, tmp_path_factory, "security_store", {"torch_threads": 1, "warmup": 0})
     work = tmp_path_factory.mktemp("security_server")
     config = work / "short_keys.properties"
     config.write_text(REPO_CONFIG.read_text() + f"\ntoken_expiration_min={EXPIRY_MIN}\n")

@@ -202,6 +202,7 @@ class LoadReport:
     rss_after_warmup_mb: float
     rss_after_run_mb: float
     rss_growth: float
+    rss_trace_mb: list[float]  # worker RSS every ~2 s during the measured run
     worker_pid_unchanged: bool
     mixed_batches: int  # batches that held both served and rejected requests (from the worker log)
     problems: list[str] = field(default_factory=list)  # the first few wrong answers
@@ -211,7 +212,9 @@ class LoadReport:
         return not self.wrong and not self.unanswered and not self.server_errors and self.rss_growth < 0.10 and self.worker_pid_unchanged
 
 
-def summarize_load(records: list[Record], concurrency: int, rss: tuple[float, float], pid_unchanged: bool, mixed_batches: int) -> LoadReport:
+def summarize_load(
+    records: list[Record], concurrency: int, rss: tuple[float, float], rss_trace: list[float], pid_unchanged: bool, mixed_batches: int
+) -> LoadReport:
     statuses: dict[str, int] = {}
     for r in records:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
@@ -226,6 +229,7 @@ def summarize_load(records: list[Record], concurrency: int, rss: tuple[float, fl
         p50_valid_ms=round(percentile_ms(valid, 50), 1), p99_valid_ms=round(percentile_ms(valid, 99), 1),
         max_ms=round(max(r.latency_ms for r in records), 1),
         rss_after_warmup_mb=round(rss[0], 1), rss_after_run_mb=round(rss[1], 1), rss_growth=round(rss[1] / rss[0] - 1, 4),
+        rss_trace_mb=[round(v) for v in rss_trace],
         worker_pid_unchanged=pid_unchanged, mixed_batches=mixed_batches,
         problems=[f"{r.probe}: {r.problem}" for r in wrong[:5]],
     )
@@ -239,13 +243,27 @@ def mixed_batch_count(log: str) -> int:
 
 
 def load_test(server: TorchServe, mix: Mix, concurrency: int, min_requests: int, min_duration: float, warmup_s: float) -> LoadReport:
-    """Warm up with the same traffic, then the measured run; RSS and worker PID before and after."""
+    """Warm up with the same traffic, then the measured run; RSS (sampled every 2 s) and worker PID before and after."""
     run_load(server, mix, concurrency, 0, warmup_s)
     pids, rss0, log_start = server.worker_pids(), worker_rss_mb(server), len(server.model_log())
+    done, trace = threading.Event(), []
+
+    def sample() -> None:
+        while not done.wait(2.0):
+            try:
+                trace.append(worker_rss_mb(server))
+            except psutil.Error:
+                pass
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     records = run_load(server, mix, concurrency, min_requests, min_duration)
+    done.set()
+    sampler.join()
     time.sleep(0.5)  # the frontend flushes the worker log
     rss1 = worker_rss_mb(server)
-    return summarize_load(records, concurrency, (rss0, rss1), server.worker_pids() == pids, mixed_batch_count(server.model_log()[log_start:]))
+    log = server.model_log()[log_start:]
+    return summarize_load(records, concurrency, (rss0, rss1), trace, server.worker_pids() == pids, mixed_batch_count(log))
 
 
 @dataclass

@@ -137,9 +137,11 @@ def same_detections(a: dict, b: dict, pixel_tol: float = 0.05, score_tol: float 
 
 
 def run_load(
-    server: TorchServe, mix: Mix, concurrency: int, min_requests: int, min_duration: float, stop: threading.Event | None = None
+    server: TorchServe, mix: Mix, concurrency: int, min_requests: int, min_duration: float,
+    stop: threading.Event | None = None, progress: bool = False,
 ) -> list[Record]:
-    """Closed loop: ``concurrency`` clients send until both minimums are met (or ``stop`` is set)."""
+    """Closed loop: ``concurrency`` clients send until both minimums are met (or ``stop`` is set).
+    ``progress`` prints the count every 15 s to stderr."""
     records: list[Record] = []
     lock = threading.Lock()
     counter = iter(range(10**9))
@@ -169,6 +171,10 @@ def run_load(
     threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
+    while any(t.is_alive() for t in threads):
+        threads[0].join(timeout=15)
+        if progress and any(t.is_alive() for t in threads):
+            print(f"  {len(records)} answered after {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     for t in threads:
         t.join()
     return records
@@ -242,7 +248,9 @@ def mixed_batch_count(log: str) -> int:
     return sum(1 for n, served in re.findall(r"batch of (\d+) request\(s\): (\d+) served", log) if 0 < int(served) < int(n))
 
 
-def load_test(server: TorchServe, mix: Mix, concurrency: int, min_requests: int, min_duration: float, warmup_s: float) -> LoadReport:
+def load_test(
+    server: TorchServe, mix: Mix, concurrency: int, min_requests: int, min_duration: float, warmup_s: float, progress: bool = False
+) -> LoadReport:
     """Warm up with the same traffic, then the measured run; RSS (sampled every 2 s) and worker PID before and after."""
     run_load(server, mix, concurrency, 0, warmup_s)
     pids, rss0, log_start = server.worker_pids(), worker_rss_mb(server), len(server.model_log())
@@ -257,7 +265,7 @@ def load_test(server: TorchServe, mix: Mix, concurrency: int, min_requests: int,
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    records = run_load(server, mix, concurrency, min_requests, min_duration)
+    records = run_load(server, mix, concurrency, min_requests, min_duration, progress=progress)
     done.set()
     sampler.join()
     time.sleep(0.5)  # the frontend flushes the worker log
@@ -385,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(store, tmp / "server1")
         try:
             mix = build_mix(server, images, args.full_share, args.small_share)
-            load = load_test(server, mix, args.concurrency, args.requests, args.duration, args.warmup)
+            load = load_test(server, mix, args.concurrency, args.requests, args.duration, args.warmup, progress=True)
             report["load"] = asdict(load) | {"ok": load.ok}
             print(json.dumps(report["load"], indent=1))
             ok = load.ok

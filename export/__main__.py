@@ -9,6 +9,11 @@ from pathlib import Path
 
 EXIT_USAGE = 2  # bad input: missing file, not a checkpoint, unsupported task
 EXIT_MISMATCH = 1  # the export does not reproduce Ultralytics
+PICKLE_WARNING = (
+    "warning: loading an Ultralytics .pt checkpoint runs Python pickle (torch.load with weights_only=False), "
+    "which can execute any code inside the file. Export only weights you trust. "
+    "(Serving never unpickles: the worker loads the exported TorchScript files only.)"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from export.exporter import export_model
     from export.verify import VerificationError
 
+    if not str(args.weights).lower().endswith((".yaml", ".yml")):
+        print(PICKLE_WARNING, file=sys.stderr)
     t0 = time.perf_counter()
     try:
         result = export_model(

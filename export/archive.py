@@ -19,9 +19,11 @@ The command, as the README documents it (from the repository root, export in ``e
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import handler
@@ -122,10 +124,13 @@ def build_archive(
     stage_handler_code(export_dir)
     model_store.mkdir(parents=True, exist_ok=True)
     cmd = archiver_command(export_dir, name, model_store)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except FileNotFoundError:
-        raise ArchiveError("torch-model-archiver is not installed; pip install torch-model-archiver") from None
+    # torch-model-archiver stages the files in $TMPDIR/NAME: a private TMPDIR keeps two builds of the
+    # same model name (two users, parallel tests) from overwriting each other's staging directory.
+    with tempfile.TemporaryDirectory(prefix="archiver_") as tmp:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": tmp})
+        except FileNotFoundError:
+            raise ArchiveError("torch-model-archiver is not installed; pip install torch-model-archiver") from None
     if proc.returncode != 0:
         raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     mar = model_store / f"{name}.mar"

@@ -7,6 +7,12 @@
 The inference token comes from TorchServe's ``key_file.json`` (written in the directory TorchServe
 was started from). Parameters travel as multipart form fields next to the image, which TorchServe
 passes to the handler on ``/predictions/NAME`` (it drops the query string there).
+
+Keys expire (``token_expiration_min`` in config.properties, 60 minutes by default); TorchServe then
+answers 400 ``InvalidKeyException``. The client recovers by itself: it re-reads ``key_file.json``
+(another client may have renewed the key already) and, if the key there is the one that failed, asks
+the management API for a new one with the file's ``API`` key (``POST /token?type=inference``, which
+rewrites ``key_file.json``), then retries once.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import requests
 
 DEFAULT_URL = "http://127.0.0.1:8080/predictions/yolo"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 # COCO-17 keypoint skeleton (0-based pairs), as Ultralytics draws it.
 COCO_SKELETON: tuple[tuple[int, int], ...] = (
     (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
@@ -58,6 +65,34 @@ def load_token(key_file: Path, api: str = "inference") -> str | None:
     if not key_file.is_file():
         return None
     return json.loads(key_file.read_text())[api]["key"]
+
+
+def is_token_rejected(response: requests.Response) -> bool:
+    """TorchServe 0.12 answers a missing, wrong or expired key with 400 ``InvalidKeyException``."""
+    return response.status_code in (400, 401, 403) and "InvalidKeyException" in response.text
+
+
+def renew_token(key_file: Path, management_url: str = DEFAULT_MANAGEMENT_URL, api: str = "inference", timeout: float = 10) -> str:
+    """A fresh ``api`` key: ``POST /token?type=API`` with the key file's ``API`` key; TorchServe rewrites the file."""
+    api_key = json.loads(key_file.read_text())["API"]["key"]
+    r = requests.post(f"{management_url}/token", params={"type": api}, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+    r.raise_for_status()
+    return load_token(key_file, api)
+
+
+def predict_with_key_file(
+    image: bytes, key_file: Path, url: str = DEFAULT_URL, management_url: str = DEFAULT_MANAGEMENT_URL,
+    params: dict | None = None, timeout: float = 120,
+) -> requests.Response:
+    """:func:`predict` with the key from ``key_file``; on a rejected key, renew it (see the module doc) and retry once."""
+    token = load_token(key_file)
+    r = predict(image, url, token, params, timeout)
+    if not is_token_rejected(r) or not key_file.is_file():
+        return r
+    fresh = load_token(key_file)
+    if fresh == token:
+        fresh = renew_token(key_file, management_url, timeout=timeout)
+    return predict(image, url, fresh, params, timeout)
 
 
 def predict(
@@ -129,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("image", type=Path, help="image file (JPEG, PNG, WebP, BMP, TIFF)")
     p.add_argument("--url", default=DEFAULT_URL, help=f"prediction URL (default {DEFAULT_URL})")
     p.add_argument("--key-file", type=Path, default=Path("key_file.json"), help="TorchServe key_file.json (default ./key_file.json)")
+    p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL, help=f"where an expired key is renewed (default {DEFAULT_MANAGEMENT_URL})")
     p.add_argument("--conf", type=float, help="score threshold for this request")
     p.add_argument("--iou", type=float, help="NMS IoU threshold for this request")
     p.add_argument("--max-det", type=int, help="detections to return at most")
@@ -145,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "classes": args.classes, "top_k": args.top_k}
     if args.polygons:
         params["polygons"] = "true"
-    r = predict(data, args.url, load_token(args.key_file), params)
+    r = predict_with_key_file(data, args.key_file, args.url, args.management_url, params)
     try:
         body = r.json()
     except ValueError:

@@ -21,6 +21,13 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
 )
+# Formats we recognise and refuse on purpose (HTTP 415), with the reason given to the client.
+# GIF: OpenCV's GIF support varies between builds, Ultralytics' predict does not list it, and an
+# animated GIF has no single right frame; reject it clearly rather than guess.
+_REFUSED: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "GIF images (animated or not) are not accepted; send the frame you want as PNG or JPEG"),
+    (b"GIF89a", "GIF images (animated or not) are not accepted; send the frame you want as PNG or JPEG"),
+)
 
 
 class ImageDecodeError(ValueError):
@@ -45,7 +52,8 @@ def _header_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
         return None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
+            # We apply our own limit; Pillow's complaints about a damaged header are not ours to log.
+            warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 return im.size
     except Image.DecompressionBombError as e:  # Pillow refuses > 2 x its MAX_IMAGE_PIXELS from the header
@@ -82,6 +90,9 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = 0) -> n
     if not data:
         raise ImageDecodeError("empty image body")
     fmt = sniff_format(data)
+    for magic, reason in _REFUSED:
+        if data.startswith(magic):
+            raise ImageDecodeError(reason, unsupported=True)
     if fmt is None:
         raise ImageDecodeError("unsupported image type; send JPEG, PNG, WebP, BMP or TIFF", unsupported=True)
     size = _header_size(data, max_pixels)
@@ -90,7 +101,8 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = 0) -> n
     buf = np.frombuffer(data, np.uint8)
     image = None
     if fmt == "tiff":
-        ok, pages = cv2.imdecodemulti(buf, cv2.IMREAD_UNCHANGED)
+        # The first page only: later pages may be larger than the header's first-page size we checked.
+        ok, pages = cv2.imdecodemulti(buf, cv2.IMREAD_UNCHANGED, range=(0, 1))
         if ok and pages and pages[0].ndim == 3:
             image = pages[0][..., :3]
     if image is None:

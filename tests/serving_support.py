@@ -52,3 +52,13 @@ def check_schema(body: dict, pose: bool) -> None:
         assert 0 <= d["score"] <= 1 and isinstance(d["class_id"], int) and isinstance(d["class_name"], str)
         if pose:
             assert len(d["keypoints"]) == 17 and all(len(k) == 3 for k in d["keypoints"])
+
+
+def build_test_store(export_dir, tmp_path_factory, name: str, handler_settings: dict):
+    """``yolo.mar`` with ``handler_settings`` in a fresh model store (``build_archive`` gives the archiver
+    a private TMPDIR, so parallel builds never share its staging directory)."""
+    from export.archive import build_archive
+
+    store = tmp_path_factory.mktemp(name)
+    build_archive(export_dir, "yolo", store, handler_settings=handler_settings)
+    return store

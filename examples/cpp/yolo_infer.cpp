@@ -2,10 +2,13 @@
 // and print the JSON body the TorchServe handler returns (handler/response.py).
 //
 //   yolo_infer BACKBONE.pt POSTPROCESS.pt IMAGE.ppm [--conf 0.25] [--iou 0.7] [--max-det 300] [--precise]
+//              [--threads N] [--letterbox-only OUT.ppm]
 //
 // IMAGE.ppm: binary PPM (P6, maxval 255), RGB, the decoded original image.
 // --precise prints boxes, scores and keypoints with full float precision instead of the handler's
 // 2 / 4 decimals (used by tests/test_cpp.py to compare with the Python pipeline at 1e-4).
+// --letterbox-only writes the letterboxed network input as a PPM and exits (the test compares it with
+// handler/letterbox.py pixel for pixel).
 //
 // Letterbox: the same placement as handler/letterbox.py (rect or square, Ultralytics' +-0.1 padding
 // split, pad value 114), and a resize that reproduces OpenCV's cv2.INTER_LINEAR on uint8 bit for bit:
@@ -13,6 +16,7 @@
 // SIMD rounding ((b0 * (r0 >> 4) >> 16) + (b1 * (r1 >> 4) >> 16) + 2) >> 2; an exact 2x downscale is
 // OpenCV's INTER_AREA (2x2 mean, +2 >> 2), which cv2.resize switches to by itself.
 
+#include <ATen/Parallel.h>
 #include <torch/script.h>
 
 #include <algorithm>
@@ -183,6 +187,14 @@ torch::Tensor read_ppm(const std::string& path) {
   return image;
 }
 
+void write_ppm(const std::string& path, const torch::Tensor& image) {  // image: uint8[H, W, 3]
+  std::ofstream f(path, std::ios::binary);
+  f << "P6\n" << image.size(1) << " " << image.size(0) << "\n255\n";
+  auto c = image.contiguous();
+  f.write(reinterpret_cast<const char*>(c.data_ptr<uint8_t>()), c.numel());
+  if (!f) throw std::runtime_error("cannot write " + path);
+}
+
 // ---------------------------------------------------------------- letterbox (handler/letterbox.py)
 
 constexpr int64_t kPadValue = 114;
@@ -217,11 +229,13 @@ LetterboxParams letterbox_params(int64_t h0, int64_t w0, int64_t th, int64_t tw,
 
 // OpenCV's source index and fixed-point weights for one axis: dst pixel d reads src (i0, i1) with
 // weights (c0, c1), c0 + c1 == 2048. fx is computed in double, stored as float, as cv::resize does.
+// Outside the image cv::resize moves a column tap onto the edge pixel with weights (2048, 0)
+// (edge_weights), but only clamps the row index and keeps the row weights.
 struct AxisTaps {
   torch::Tensor i0, i1, c0, c1;  // int64[dst]
 };
 
-AxisTaps axis_taps(int64_t src, int64_t dst) {
+AxisTaps axis_taps(int64_t src, int64_t dst, bool edge_weights) {
   double scale = 1.0 / (static_cast<double>(dst) / src);  // cv::resize: scale_x = 1. / inv_scale_x
   auto d = torch::arange(dst, torch::kFloat64);
   auto f = ((d + 0.5) * scale - 0.5).to(torch::kFloat32);
@@ -229,11 +243,12 @@ AxisTaps axis_taps(int64_t src, int64_t dst) {
   f = f - s;
   auto si = s.to(torch::kInt64);
   auto below = si < 0, above = si >= src - 1;  // border taps: weight (1, 0) on the edge pixel
-  f = f.masked_fill(below.logical_or(above), 0.0f);
+  if (edge_weights) f = f.masked_fill(below.logical_or(above), 0.0f);
+  auto next = (si + 1).clamp(0, src - 1);  // from the unclamped index: row -1 reads rows (0, 0)
   si = si.clamp(0, src - 1);
   auto c0 = ((1.0f - f) * static_cast<float>(kCoefScale)).round().to(torch::kInt64);  // lrint: ties to even
   auto c1 = (f * static_cast<float>(kCoefScale)).round().to(torch::kInt64);
-  return {si, (si + 1).clamp_max(src - 1), c0, c1};
+  return {si, next, c0, c1};
 }
 
 // x >> bits on int64 values (all non-negative here)
@@ -247,7 +262,7 @@ torch::Tensor resize_linear(const torch::Tensor& image, int64_t h, int64_t w) {
     auto sum = x.view({h, 2, w, 2, c}).sum({1, 3});
     return shr(sum + 2, 2).to(torch::kUInt8);
   }
-  AxisTaps tx = axis_taps(src_w, w), ty = axis_taps(src_h, h);
+  AxisTaps tx = axis_taps(src_w, w, true), ty = axis_taps(src_h, h, false);
   // horizontal pass: [H, w, C], values scaled by 2048
   auto rows = x.index_select(1, tx.i0) * tx.c0.view({1, w, 1}) + x.index_select(1, tx.i1) * tx.c1.view({1, w, 1});
   // vertical pass with OpenCV's SIMD rounding (VResizeLinearVec_32s8u)
@@ -287,10 +302,11 @@ std::string number(double v, int decimals, bool precise) {
 }
 
 struct Options {
-  std::string backbone, postprocess, image;
+  std::string backbone, postprocess, image, letterbox_only;
   double conf = 0.25, iou = 0.7;
   int64_t max_det = 300;
   bool precise = false;
+  int threads = 0;  // 0: libtorch's default
 };
 
 Options parse_args(int argc, char** argv) {
@@ -306,6 +322,8 @@ Options parse_args(int argc, char** argv) {
     else if (a == "--iou") o.iou = std::stod(next());
     else if (a == "--max-det") o.max_det = std::stoll(next());
     else if (a == "--precise") o.precise = true;
+    else if (a == "--threads") o.threads = std::stoi(next());
+    else if (a == "--letterbox-only") o.letterbox_only = next();
     else if (a.rfind("--", 0) == 0) throw std::invalid_argument("unknown option " + a);
     else positional.push_back(a);
   }
@@ -327,12 +345,14 @@ int main(int argc, char** argv) {
   try {
     opt = parse_args(argc, argv);
   } catch (const std::exception& e) {
-    std::cerr << "usage: yolo_infer BACKBONE.pt POSTPROCESS.pt IMAGE.ppm [--conf C] [--iou I] [--max-det N] [--precise]\n"
+    std::cerr << "usage: yolo_infer BACKBONE.pt POSTPROCESS.pt IMAGE.ppm [--conf C] [--iou I] [--max-det N] [--precise] "
+                 "[--threads N] [--letterbox-only OUT.ppm]\n"
               << "error: " << e.what() << "\n";
     return 2;
   }
   try {
     torch::NoGradGuard no_grad;
+    if (opt.threads > 0) at::set_num_threads(opt.threads);
     torch::jit::ExtraFilesMap extra{{"metadata.json", ""}};
     auto postprocess = torch::jit::load(opt.postprocess, torch::kCPU, extra);
     if (extra["metadata.json"].empty()) throw std::runtime_error(opt.postprocess + " has no embedded metadata.json");
@@ -340,10 +360,6 @@ int main(int argc, char** argv) {
     if (meta.has("format") && meta.at("format").string != "torchscript")
       std::cerr << "note: metadata names format '" << meta.at("format").string << "'; this program runs the TorchScript "
                 << "backbone.pt that the export writes beside it\n";
-    auto backbone = torch::jit::load(opt.backbone, torch::kCPU);
-    backbone.eval();
-    postprocess.eval();
-
     const auto& imgsz = meta.at("imgsz").array;  // [h, w]
     const int64_t stride = meta.at("max_stride").as_int();
     const bool rect = meta.at("letterbox").string == "rect";
@@ -353,10 +369,18 @@ int main(int argc, char** argv) {
     auto t0 = std::chrono::steady_clock::now();
     auto image = read_ppm(opt.image);  // uint8[H, W, 3] RGB
     auto p = letterbox_params(image.size(0), image.size(1), imgsz.at(0).as_int(), imgsz.at(1).as_int(), stride, rect);
-    auto input = letterbox(image, p).permute({2, 0, 1}).unsqueeze(0).to(torch::kFloat32).div_(255);  // [1, 3, H, W]
-    input = input.contiguous(torch::MemoryFormat::ChannelsLast);  // as handler/pipeline.py's permute leaves it
+    auto padded = letterbox(image, p);  // uint8[input_h, input_w, 3]
+    if (!opt.letterbox_only.empty()) return write_ppm(opt.letterbox_only, padded), 0;
+    // [1, 3, H, W] in channels-last memory, 0..1: the layout (and so the convolution kernels, whose sums
+    // round differently) of handler/pipeline.py's to_input
+    auto input = torch::empty({1, 3, p.input_h, p.input_w}, torch::TensorOptions().dtype(torch::kFloat32).memory_format(torch::MemoryFormat::ChannelsLast));
+    input.copy_(padded.permute({2, 0, 1}).unsqueeze(0)).div_(255);
+    if (std::getenv("YOLO_INFER_DEBUG")) std::cerr << "input strides " << input.strides() << "\n";
     double t_pre = ms_since(t0);
 
+    auto backbone = torch::jit::load(opt.backbone, torch::kCPU);
+    backbone.eval();
+    postprocess.eval();
     t0 = std::chrono::steady_clock::now();
     auto out = backbone.forward({input}).toTuple();
     c10::List<torch::Tensor> feats;

@@ -28,11 +28,9 @@ from torch import Tensor
 from export.backbone import RawHead
 from export.checkpoint import LoadedModel
 from export.verify import VerificationError
-from handler.aoti_backbone import AOTI_METADATA_KEY
+from handler.aoti_backbone import AOTI_MAX_BATCH, AOTI_MAX_SIDE, AOTI_METADATA_KEY
 from handler.pipeline import BACKBONE_FILE, YoloPipeline
 
-AOTI_MAX_BATCH = 64  # dynamic batch bounds: 1..64
-AOTI_MAX_SIDE = 2048  # dynamic H and W bounds: max_stride..2048 pixels, multiples of max_stride
 RAW_TOL = 5e-4  # Inductor fuses and reorders differently: raw outputs agree to ~1e-4, not bit for bit
 # "identical detections": same count, classes and order; boxes and keypoints (pixels) and scores within
 # 1e-2, the response's pixel precision (measured on bus.jpg / zidane.jpg: about 1e-4 px)

@@ -20,6 +20,8 @@ AOTI_FORMAT = "aoti"
 TORCHSCRIPT_FORMAT = "torchscript"
 AOTI_BACKBONE_FILE = "backbone.pt2"
 AOTI_METADATA_KEY = "metadata.json"  # key of the export metadata in the package's AOTInductor metadata
+AOTI_MAX_BATCH = 64  # the dynamic dimensions export/aoti.py compiles for: batch 1..64,
+AOTI_MAX_SIDE = 2048  # H and W from max_stride to 2048 pixels (multiples of max_stride)
 _AOTI_DEVICE_KEY = "AOTI_DEVICE_KEY"  # what AOTInductor itself records: "cpu" or "cuda"
 
 
@@ -34,6 +36,12 @@ class AotiBackbone:
         """``images: float32[B, 3, H, W]`` -> the raw head outputs. The compiled code reads its input with the
         channels-last strides it was exported with (a no-op for ``YoloPipeline.to_input``'s batches); AOTInductor
         does not check strides, so any other layout is converted here."""
+        b, _, h, w = images.shape
+        if b > AOTI_MAX_BATCH or max(h, w) > AOTI_MAX_SIDE:  # AOTInductor does not check; out of bounds is UB
+            raise ValueError(
+                f"input {b}x3x{h}x{w} is outside the AOTInductor backbone's bounds (batch <= {AOTI_MAX_BATCH}, "
+                f"H and W <= {AOTI_MAX_SIDE}); lower imgsz or batchSize, or export with --format torchscript"
+            )
         return tuple(self._compiled(images.contiguous(memory_format=torch.channels_last)))
 
     def eval(self) -> "AotiBackbone":

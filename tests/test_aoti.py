@@ -14,11 +14,11 @@ import requests
 import torch
 
 from export.__main__ import parse_args
-from export.aoti import AOTI_MAX_SIDE, torchscript_pipeline
+from export.aoti import torchscript_pipeline
 from export.archive import build_archive
 from export.exporter import export_model
 from export.server import running_server
-from handler.aoti_backbone import AOTI_BACKBONE_FILE, AotiBackbone, load_aoti_backbone
+from handler.aoti_backbone import AOTI_BACKBONE_FILE, AOTI_MAX_BATCH, AOTI_MAX_SIDE, AotiBackbone, load_aoti_backbone
 from handler.decode import decode_image
 from handler.pipeline import YoloPipeline, load_artifacts
 from handler.response import ModelInfo, image_json
@@ -92,8 +92,11 @@ def test_detections_identical_on_test_images(pipelines, sample_images):
         assert_same_response(body(g), body(r))
 
 
-def test_half_and_wrong_device_are_refused(aoti_export):
+def test_half_wrong_device_and_out_of_bounds_shapes_are_refused(aoti_export):
     backbone, _ = load_aoti_backbone(aoti_export.out_dir / AOTI_BACKBONE_FILE, torch.device("cpu"))
+    for shape in [(1, 3, 64, AOTI_MAX_SIDE + 32), (AOTI_MAX_BATCH + 1, 3, 32, 32)]:  # not compiled for: no UB
+        with pytest.raises(ValueError, match="outside the AOTInductor backbone's bounds"):
+            backbone(torch.zeros(shape))
     with pytest.raises(ValueError, match="half"):
         backbone.half()
     if not torch.cuda.is_available():  # a CPU package asked for CUDA: a clear error, not a crash

@@ -34,6 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "does; one2one is the NMS-free top-k head (predict(nms=False)); one2many is the NMS head",
     )
     p.add_argument("--letterbox", choices=("rect", "square"), default="rect", help="default letterbox of the served model: rect pads to the next stride multiple, as YOLO.predict (default); square pads to imgsz")
+    p.add_argument(
+        "--format",
+        choices=("torchscript", "aoti"),
+        default="torchscript",
+        help="backbone format: torchscript (backbone.pt, default) or aoti (also backbone.pt2: torch.export + AOTInductor, "
+        "compiled for this machine's CPU; the handler serves whichever the metadata names)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the comparison with Ultralytics (not recommended)")
     p.add_argument("--seed", type=int, default=0, help="seed for building a .yaml model (default 0)")
     p.add_argument("--archive", action="store_true", help="also build MODEL_STORE/NAME.mar with torch-model-archiver")
@@ -58,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         result = export_model(
-            args.weights, args.out, args.imgsz, args.name, args.head, args.letterbox, not args.no_check, args.seed
+            args.weights, args.out, args.imgsz, args.name, args.head, args.letterbox, not args.no_check, args.seed,
+            backbone_format=args.format,
         )
         if args.archive:
             from export.archive import build_archive

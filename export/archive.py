@@ -19,6 +19,7 @@ The command, as the README documents it (from the repository root, export in ``e
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -93,6 +94,11 @@ def stage_handler_code(export_dir: Path) -> Path:
     return code
 
 
+def backbone_file(export_dir: Path) -> str:
+    """The backbone file ``metadata.json`` names: ``backbone.pt``, or ``backbone.pt2`` for ``--format aoti``."""
+    return json.loads((export_dir / METADATA_FILE).read_text()).get("backbone", BACKBONE_FILE)
+
+
 def archiver_command(export_dir: Path, name: str, model_store: Path) -> list[str]:
     """The README's torch-model-archiver command for this export (paths absolute)."""
     exe = Path(sys.executable).with_name("torch-model-archiver")
@@ -100,7 +106,7 @@ def archiver_command(export_dir: Path, name: str, model_store: Path) -> list[str
         str(exe) if exe.exists() else "torch-model-archiver",
         "--model-name", name,
         "--version", "1.0",
-        "--serialized-file", str(export_dir / BACKBONE_FILE),
+        "--serialized-file", str(export_dir / backbone_file(export_dir)),
         "--handler", str(HANDLER_DIR / HANDLER_ENTRY),
         "--extra-files", ",".join(str(export_dir / f) for f in (POSTPROCESS_FILE, METADATA_FILE, CODE_DIR)),
         "--config-file", str(export_dir / MODEL_CONFIG_FILE),
@@ -117,7 +123,8 @@ def build_archive(
     Returns the path of ``model_store/NAME.mar``.
     """
     export_dir, model_store = Path(export_dir).resolve(), Path(model_store).resolve()
-    for f in (BACKBONE_FILE, POSTPROCESS_FILE, METADATA_FILE):
+    for f in (METADATA_FILE, POSTPROCESS_FILE, None):
+        f = f or backbone_file(export_dir)  # named by metadata.json, so checked after it
         if not (export_dir / f).is_file():
             raise ArchiveError(f"{export_dir / f} not found; run `python -m export` first")
     (export_dir / MODEL_CONFIG_FILE).write_text(model_config_yaml(handler_settings, batch_size))

@@ -13,11 +13,12 @@ from typing import Callable, Iterator
 import torch
 
 from export.backbone import trace_backbone
-from export.checkpoint import HeadChoice, LoadedModel, load_model
+from export.checkpoint import ExportError, HeadChoice, LoadedModel, load_model
 from export.classify import ClassifyPostprocess
 from export.metadata import build_metadata, to_json
 from export.postprocess import YoloPostprocess
 from export import verify
+from handler.aoti_backbone import AOTI_BACKBONE_FILE, AOTI_FORMAT, TORCHSCRIPT_FORMAT
 from handler.decode import decode_image
 from handler.classify import ClassifyPipeline
 from handler.pipeline import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, YoloPipeline
@@ -93,10 +94,15 @@ def export_model(
     check: bool = True,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    backbone_format: str = TORCHSCRIPT_FORMAT,
 ) -> ExportResult:
+    """``backbone_format="aoti"`` also compiles ``backbone.pt2`` (``export/aoti.py``) and names it in the
+    metadata, so that the handler serves it; ``backbone.pt`` is still written, as the reference."""
     steps: list[tuple[str, float]] = []
     with _step(steps, f"load {weights}", log):
         loaded = load_model(weights, head=head, seed=seed)
+    if backbone_format == AOTI_FORMAT and loaded.task == "classify":
+        raise ExportError(f"{weights}: --format aoti serves detect, pose, segment and obb models; export classify models as torchscript")
     if imgsz is None:  # what YOLO(weights).predict() uses: the checkpoint's training size, else 640
         default = loaded.predict_imgsz
         imgsz = [default, default] if isinstance(default, int) else list(default)
@@ -105,7 +111,7 @@ def export_model(
         f"  task={loaded.task} head={loaded.head_type} nc={loaded.nc} reg_max={loaded.reg_max} "
         f"end2end={loaded.end2end} kpt_shape={loaded.kpt_shape} strides={loaded.strides}"
     )
-    metadata = build_metadata(loaded, name, imgsz, letterbox)
+    metadata = build_metadata(loaded, name, imgsz, letterbox, backbone_format)
     extra = {METADATA_FILE: to_json(metadata)}
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone_path, post_path, meta_path = out_dir / BACKBONE_FILE, out_dir / POSTPROCESS_FILE, out_dir / METADATA_FILE
@@ -117,6 +123,13 @@ def export_model(
         torch.jit.save(script_postprocessor(loaded), str(post_path), _extra_files=extra)
     meta_path.write_text(to_json(metadata) + "\n")
     result = ExportResult(out_dir, [backbone_path, post_path, meta_path], metadata, loaded, steps)
+    if backbone_format == AOTI_FORMAT:
+        from export import aoti
+
+        with _step(steps, "torch.export backbone (dynamic batch, H, W)", log):
+            program = aoti.export_program(loaded, (imgsz[0], imgsz[1]))
+        with _step(steps, "AOTInductor compile + package", log):
+            result.files.append(aoti.compile_package(program, out_dir / AOTI_BACKBONE_FILE, extra[METADATA_FILE]))
     if check:
         verify_export(result, log)
     return result
@@ -126,6 +139,11 @@ def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> N
     """Run the three checks of ``export/verify.py`` on the files just written."""
     loaded, steps = result.loaded, result.steps
     pipeline = (ClassifyPipeline if loaded.task == "classify" else YoloPipeline).from_dir(result.out_dir)
+    compiled = None
+    if pipeline.metadata.get("format") == AOTI_FORMAT:  # Ultralytics checks on backbone.pt, then .pt2 == .pt
+        from export import aoti
+
+        compiled, pipeline = pipeline, aoti.torchscript_pipeline(pipeline, result.out_dir)
     h, w = pipeline.imgsz
     stride = loaded.max_stride
     shapes = [(1, h, w), (2, max(stride, h // 2 // stride * stride), w)]
@@ -144,6 +162,10 @@ def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> N
     with _step(steps, "check pipeline == YOLO.predict", log):
         n = [verify.check_predict(loaded, pipeline, p) for p in images]
     log(f"    {', '.join(f'{p.name}: {k}' for p, k in zip(images, n))} detections matched")
+    if compiled is not None:
+        with _step(steps, f"check {AOTI_BACKBONE_FILE} == {BACKBONE_FILE} at {shapes}", log):
+            raw, det = aoti.check_parity(pipeline, compiled, [decode_image(p.read_bytes()) for p in images], shapes)
+        log(f"    raw outputs max abs diff {raw:.2e}; detections identical (max abs diff {det:.2e})")
 
 
 def verify_classify(loaded: LoadedModel, pipeline: ClassifyPipeline, images: list[Path], steps, log) -> None:

@@ -9,10 +9,15 @@ import torch
 
 from export.checkpoint import LoadedModel
 from export.postprocess import ANGLE_DECODE_NONE, ANGLE_DECODE_OBB26, CONTRACT_VERSION, KPT_DECODE_POSE26
+from handler.aoti_backbone import AOTI_BACKBONE_FILE, AOTI_FORMAT, TORCHSCRIPT_FORMAT
+from handler.pipeline import BACKBONE_FILE
 
 
-def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: str) -> dict:
-    """Everything a server needs to know about the exported pair, JSON-serialisable."""
+def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: str, backbone_format: str = TORCHSCRIPT_FORMAT) -> dict:
+    """Everything a server needs to know about the exported pair, JSON-serialisable.
+
+    ``format`` names how the backbone is stored (``torchscript``: ``backbone.pt``; ``aoti``:
+    ``backbone.pt2``) and ``backbone`` its file; the handler loads whichever they name."""
     import ultralytics
 
     return {
@@ -37,6 +42,8 @@ def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: 
         "letterbox": None if loaded.task == "classify" else letterbox,
         "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__},
         "weights": {"file": loaded.path.name, "sha256": loaded.weights_sha256},
+        "format": backbone_format,
+        "backbone": AOTI_BACKBONE_FILE if backbone_format == AOTI_FORMAT else BACKBONE_FILE,
     }
 
 

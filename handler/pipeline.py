@@ -105,15 +105,26 @@ def _jit_load(path: Path, device: torch.device) -> tuple[torch.jit.ScriptModule,
 
 
 def load_artifacts(model_dir: str | Path, device: torch.device) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule, dict]:
-    """Load ``backbone.pt`` and ``postprocess.pt`` from ``model_dir`` onto ``device`` and check their metadata."""
+    """Load the backbone (``backbone.pt``, or ``backbone.pt2`` when the metadata says ``"format": "aoti"``) and
+    ``postprocess.pt`` from ``model_dir`` onto ``device`` and check their metadata."""
     model_dir = Path(model_dir)
-    for name in (BACKBONE_FILE, POSTPROCESS_FILE):
-        if not (model_dir / name).is_file():
-            raise ArtifactError(f"{model_dir / name} not found; export the model with `python -m export`")
-    backbone, meta_b = _jit_load(model_dir / BACKBONE_FILE, device)
+    if not (model_dir / POSTPROCESS_FILE).is_file():
+        raise ArtifactError(f"{model_dir / POSTPROCESS_FILE} not found; export the model with `python -m export`")
     postprocess, meta_p = _jit_load(model_dir / POSTPROCESS_FILE, device)
+    backbone_file = meta_p.get("backbone", BACKBONE_FILE)  # the metadata names the backbone's format and file
+    if not (model_dir / backbone_file).is_file():
+        raise ArtifactError(f"{model_dir / backbone_file} not found; export the model with `python -m export`")
+    if meta_p.get("format") == "aoti":
+        from handler.aoti_backbone import load_aoti_backbone  # imports Inductor: only for .pt2 exports
+
+        try:
+            backbone, meta_b = load_aoti_backbone(model_dir / backbone_file, device)
+        except ValueError as e:
+            raise ArtifactError(str(e)) from None
+    else:
+        backbone, meta_b = _jit_load(model_dir / backbone_file, device)
     if meta_b != meta_p:
-        raise ArtifactError("backbone.pt and postprocess.pt come from different exports; export both again")
+        raise ArtifactError(f"{backbone_file} and {POSTPROCESS_FILE} come from different exports; export both again")
     if meta_p.get("contract") != CONTRACT_VERSION:
         raise ArtifactError(
             f"exported files have contract version {meta_p.get('contract')}, this handler reads {CONTRACT_VERSION}; "

@@ -1,0 +1,74 @@
+"""Loading an AOTInductor backbone (``backbone.pt2``, written by ``python -m export --format aoti``).
+
+``handler/pipeline.py`` calls :func:`load_aoti_backbone` when the export metadata says
+``"format": "aoti"``; the result is called exactly like the traced ``backbone.pt``:
+``images: float32[B, 3, H, W]`` -> tuple of ``[B, no, H / stride_i, W / stride_i]``.
+
+A ``.pt2`` is machine code for one device type (and CPU ISA / GPU architecture): it runs on the device
+it was compiled for, in fp32. ``half`` is not available for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+AOTI_FORMAT = "aoti"
+TORCHSCRIPT_FORMAT = "torchscript"
+AOTI_BACKBONE_FILE = "backbone.pt2"
+AOTI_METADATA_KEY = "metadata.json"  # key of the export metadata in the package's AOTInductor metadata
+AOTI_MAX_BATCH = 64  # the dynamic dimensions export/aoti.py compiles for: batch 1..64,
+AOTI_MAX_SIDE = 2048  # H and W from max_stride to 2048 pixels (multiples of max_stride)
+_AOTI_DEVICE_KEY = "AOTI_DEVICE_KEY"  # what AOTInductor itself records: "cpu" or "cuda"
+
+
+class AotiBackbone:
+    """A loaded ``backbone.pt2``, callable like the TorchScript backbone."""
+
+    def __init__(self, compiled, device: torch.device) -> None:
+        self._compiled = compiled  # torch._inductor AOTICompiledModel
+        self.device = device
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
+        """``images: float32[B, 3, H, W]`` -> the raw head outputs. The compiled code reads its input with the
+        channels-last strides it was exported with (a no-op for ``YoloPipeline.to_input``'s batches); AOTInductor
+        does not check strides, so any other layout is converted here."""
+        b, _, h, w = images.shape
+        if b > AOTI_MAX_BATCH or max(h, w) > AOTI_MAX_SIDE:  # AOTInductor does not check; out of bounds is UB
+            raise ValueError(
+                f"input {b}x3x{h}x{w} is outside the AOTInductor backbone's bounds (batch <= {AOTI_MAX_BATCH}, "
+                f"H and W <= {AOTI_MAX_SIDE}); lower imgsz or batchSize, or export with --format torchscript"
+            )
+        return tuple(self._compiled(images.contiguous(memory_format=torch.channels_last)))
+
+    def eval(self) -> "AotiBackbone":
+        return self
+
+    def half(self) -> "AotiBackbone":
+        raise ValueError(
+            "half=True is not available with an AOTInductor backbone (it is compiled in fp32); "
+            "set half: false, or export with --format torchscript"
+        )
+
+
+def load_aoti_backbone(path: Path, device: torch.device) -> tuple[AotiBackbone, dict]:
+    """Load ``path`` for ``device``; returns the backbone and its embedded export metadata.
+
+    Raises ``ValueError`` when the package has no metadata or was compiled for another device type."""
+    import torch._inductor  # noqa: F401 - only AOTI users pay for importing Inductor
+
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+    meta = compiled.get_metadata()
+    if AOTI_METADATA_KEY not in meta:
+        raise ValueError(f"{path} has no embedded {AOTI_METADATA_KEY}; re-export it with `python -m export --format aoti`")
+    built_for = meta.get(_AOTI_DEVICE_KEY, "cpu")
+    if built_for != device.type:
+        raise ValueError(
+            f"{path} was compiled for {built_for} and cannot run on {device.type}; run `python -m export --format aoti` "
+            f"on a machine with the {device.type} device it will be served on"
+        )
+    return AotiBackbone(compiled, device), json.loads(meta[AOTI_METADATA_KEY])

@@ -26,7 +26,7 @@ from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
 from handler.pipeline import Prepared, Thresholds, YoloPipeline
 from handler.request import PreparedRequest, parse_request
-from handler.response import ModelInfo, image_json
+from handler.response import ModelInfo, encode_response, image_json
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ class YoloHandler(BaseHandler):
         self.context = context
         self.initialized = True
 
-    def handle(self, data: list, context) -> list:
-        """One response per request: detections, or ``{"error": ...}`` with that request's 4xx."""
+    def handle(self, data: list, context) -> list[str]:
+        """One JSON text per request: detections, or ``{"error": ...}`` with that request's 4xx."""
         results: list[dict | None] = [None] * len(data)
         items: list[PreparedRequest] = []
         for idx, row in enumerate(data):
@@ -127,7 +127,9 @@ class YoloHandler(BaseHandler):
         forwards = self._infer(items, results, context) if items else []
         logger.info("batch of %d request(s): %d served, forwards (n, h, w) %s", len(data), len(items), forwards)
         _record(context, METRIC_BATCH_SIZE, len(data), unit="count")
-        return results
+        for idx in range(len(data)):
+            context.set_response_content_type(idx, "application/json")
+        return [encode_response(r) for r in results]
 
     def _prepare(self, row, content_type: str | None) -> tuple[Prepared, tuple[int, int]]:
         image_bytes, thresholds = parse_request(row, self.defaults, self.pipeline.names, content_type)

@@ -168,7 +168,7 @@ def make_context(model_dir: Path, handler_section: dict | None = None) -> Contex
 def run_batch(handler, ctx: Context, rows: list[dict], content_types: list[str] | None = None):
     types = content_types or ["image/jpeg"] * len(rows)
     ctx.request_processor = [RequestProcessor({"body": {"content-type": t}}) for t in types]
-    out = handler.handle(rows, ctx)
+    out = [json.loads(text) for text in handler.handle(rows, ctx)]  # the handler returns JSON text
     statuses = [rp.get_response_status_code() for rp in ctx.request_processor]
     return out, statuses
 

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, default=None, help="write the latency-vs-concurrency PNG here")
     p.add_argument("--update-docs", type=Path, default=None,
                    help="replace the generated section of this markdown file (between the bench markers)")
+    p.add_argument("--render", type=Path, default=None,
+                   help="measure nothing: re-render the outputs from this earlier --json file (ratios and targets recomputed)")
     p.add_argument("--workdir", type=Path, default=None, help="keep exports, archives and server logs here (default: a temp dir)")
     args = p.parse_args(argv)
     if args.quick:
@@ -90,6 +92,13 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.render is not None:
+        from bench import report
+
+        results = json.loads(args.render.read_text())
+        results["ratios"], results["targets"] = report.ratios_and_targets(results, results["meta"]["machine"]["cores"])
+        write_outputs(args, results)
+        return 0
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         return run(args, args.workdir.resolve(), command)
@@ -132,9 +141,9 @@ def measure_config(cfg, args, work: Path, export_dir: Path, proc, samples: Sampl
         clients = {k: served.Client(v) for k, v in servers.items()}
         pids = {k: served.server_pids(v, cfg.workers) for k, v in servers.items()}
         new_connection = served.Client(s_server, keep_alive=False) if first else None
-        for name in proc.images:  # warm each server on each image shape
+        for name in proc.images:  # warm each server on each image shape; the answers must be detections
             for c in clients.values():
-                c.post(proc.images[name].data)
+                c.check(proc.images[name].data)
         for conc in args.concurrency:
             cpu = {k: 0.0 for k in clients}
             wall = {k: 0.0 for k in clients}

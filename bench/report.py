@@ -51,26 +51,43 @@ def config_ratios(results: dict, label: str, cores: int, image: str = TARGET_IMA
 
 
 def ratios_and_targets(results: dict, cores: int) -> tuple[dict, list[dict]]:
-    """Per-configuration ratios and the five targets of issue 7 (value, limit, met)."""
+    """Per-configuration ratios and the five targets of issue 7 (value, limit, met).
+
+    Targets 1 and 4 are given for the headline configuration (1 worker, batchSize 1) and for the
+    configuration where the ratio is best; target 2 for every thread count L1 ran on.
+    """
     ratios = {label: config_ratios(results, label, cores) for label in _labels(results)}
     head = HEADLINE_CONFIG if HEADLINE_CONFIG in ratios else next(iter(ratios), None)
     img = TARGET_IMAGE
-    l0, l1 = _p50(results, f"L0|{cores}|{img}"), _p50(results, f"L1|{cores}|{img}")
 
     def target(name: str, value: float | None, limit: float, unit: str, where: str) -> dict:
         return {"target": name, "value": None if value is None else round(value, 3), "limit": limit, "unit": unit,
                 "where": where, "met": None if value is None else value <= limit}
 
+    def per_config(name: str, key: str, limit: float) -> list[dict]:
+        rows = [target(name, ratios[head][key] if head else None, limit, "x", f"{img}, {head}")]
+        valued = [(rt[key], label) for label, rt in ratios.items() if rt[key] is not None]
+        if valued:
+            best, label = min(valued)
+            if label != head:
+                rows.append(target(name, best, limit, "x", f"{img}, {label} (best configuration)"))
+        return rows
+
     best_s, best_t = _best_throughput(results, "S"), _best_throughput(results, "T")
-    targets = [
-        target("S p50 / L1 p50 at concurrency 1", ratios[head]["S/L1"] if head else None, 1.10, "x", f"{img}, {head}"),
-        target("L1 p50 - L0 p50", None if l0 is None or l1 is None else l1 - l0, 5.0, "ms", f"{img}, {cores} thread(s)"),
-        target("best T throughput / best S throughput", ratio(best_t, best_s), 1 / 1.5, "x",
-               "S >= 1.5 x T means this <= 0.667"),
-        target("S p50 / U p50 at concurrency 1", ratios[head]["S/U"] if head else None, 0.8, "x", f"{img}, {head}"),
-        target("postprocessor p50", results["postprocess"]["p50"], 2.0, "ms",
-               f"{results['postprocess']['anchors']} anchors, {results['postprocess']['threads']} thread(s)"),
-    ]
+    threads = sorted({int(k.split("|")[1]) for k in results["samples"] if k.startswith("L1|")}, reverse=True) or [cores]
+    targets = per_config("S p50 / L1 p50 at concurrency 1", "S/L1", 1.10)
+    for n in threads:
+        l0, l1 = _p50(results, f"L0|{n}|{img}"), _p50(results, f"L1|{n}|{img}")
+        targets.append(target("L1 p50 - L0 p50", None if l0 is None or l1 is None else l1 - l0, 5.0, "ms", f"{img}, {n} thread(s)"))
+        # the same cost summed from L1's own stages, free of the backbone's noise between separate samples
+        rest = [v for k, v in results["stages_p50_ms"].items() if k.startswith(f"{n}|{img}|") and not k.endswith("|backbone")]
+        targets.append(target("L1 stages except the backbone (sum of p50s)", sum(rest) if rest else None, 5.0, "ms",
+                              f"{img}, {n} thread(s)"))
+    targets.append(target("best T throughput / best S throughput", ratio(best_t, best_s), 1 / 1.5, "x",
+                          "S >= 1.5 x T means this <= 0.667"))
+    targets += per_config("S p50 / U p50 at concurrency 1", "S/U", 0.8)
+    targets.append(target("postprocessor p50", results["postprocess"]["p50"], 2.0, "ms",
+                          f"{results['postprocess']['anchors']} anchors, {results['postprocess']['threads']} thread(s)"))
     return ratios, targets
 
 
@@ -198,8 +215,10 @@ def write_plot(results: dict, path: Path) -> None:
         u_mean = sum(u) / len(u)
         ax_lat.axhline(u_mean, color="gray", linestyle=":", label="U (in process, c=1)")
         ax_rate.axhline(1000 / u_mean, color="gray", linestyle=":", label="U (in process, c=1)")
+    levels = sorted({r["concurrency"] for r in results["served"]})
     for ax, ylabel in ((ax_lat, "p50 latency, ms (all images)"), (ax_rate, "throughput, images/s")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("client concurrency")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)

@@ -109,6 +109,17 @@ class Client:
         return ms
 
 
+    def check(self, data: bytes) -> dict:
+        """One request whose answer must be 200 with a JSON body that has ``detections`` (S and T alike)."""
+        r = requests.post(self.url, data=data, headers=self.headers, timeout=300)
+        if r.status_code != 200:  # (TorchServe sends no Content-Type unless the handler sets one; T does not)
+            raise RuntimeError(f"{self.url} answered {r.status_code}: {r.text[:300]}")
+        body = r.json()
+        if "detections" not in body:
+            raise RuntimeError(f"{self.url} answered without detections: {r.text[:300]}")
+        return body
+
+
 def run_load(client: Client, payloads: list[bytes], n: int, concurrency: int) -> tuple[list[float], float]:
     """``n`` requests from ``concurrency`` threads, cycling ``payloads``; (latencies ms, wall s)."""
     lock = threading.Lock()

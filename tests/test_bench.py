@@ -86,7 +86,7 @@ def fake_results() -> dict:
                  "machine": {"cpu": "test cpu", "cores": 2, "memory_gb": 8.0, "cuda": None, "python": "3.11",
                              "torch": "2", "ultralytics": "8", "load_average_at_start": [0.1, 0.1, 0.1]}},
         "samples": samples,
-        "stages_p50_ms": {"2|bus.jpg|decode": 5.0, "2|bus.jpg|json": 1.0},
+        "stages_p50_ms": {"2|bus.jpg|decode": 5.0, "2|bus.jpg|json": 1.0, "2|bus.jpg|backbone": 70.0},
         "postprocess": {"anchors": 8400, "image": "bus.jpg", "threads": 2, **_summary(2.5)},
         "served": served,
         "levers": {"JSON encoding": {"indent=2": 12.0, "compact": 0.5}},
@@ -105,13 +105,20 @@ def test_ratios_and_targets(fake_results):
     assert r["w1_b1"]["L1/L0"] == pytest.approx(1.25)
     assert r["w1_b1"]["S/U"] == pytest.approx(0.6)
     assert r["w1_b1"]["S-throughput/T-throughput"] == pytest.approx(3.0)  # best 12 over best 4
-    t = {x["target"]: x for x in fake_results["targets"]}
-    assert t["S p50 / L1 p50 at concurrency 1"]["met"] is False
-    assert t["L1 p50 - L0 p50"]["value"] == pytest.approx(20.0) and t["L1 p50 - L0 p50"]["met"] is False
-    assert t["best T throughput / best S throughput"]["value"] == pytest.approx(4.0 / 12.0, abs=1e-3)
-    assert t["best T throughput / best S throughput"]["met"] is True
-    assert t["S p50 / U p50 at concurrency 1"]["met"] is True
-    assert t["postprocessor p50"]["met"] is False
+    t = {(x["target"], x["where"]): x for x in fake_results["targets"]}
+    assert t[("S p50 / L1 p50 at concurrency 1", "bus.jpg, w1_b1")]["met"] is False
+    best = t[("S p50 / L1 p50 at concurrency 1", "bus.jpg, w2_b1 (best configuration)")]
+    assert best["value"] == pytest.approx(140 / 130, abs=1e-3) and best["met"] is True
+    assert t[("L1 p50 - L0 p50", "bus.jpg, 2 thread(s)")]["value"] == pytest.approx(20.0)
+    assert t[("L1 p50 - L0 p50", "bus.jpg, 1 thread(s)")]["value"] == pytest.approx(10.0)
+    assert t[("L1 p50 - L0 p50", "bus.jpg, 2 thread(s)")]["met"] is False
+    assert t[("L1 stages except the backbone (sum of p50s)", "bus.jpg, 2 thread(s)")]["value"] == pytest.approx(6.0)
+    assert t[("L1 stages except the backbone (sum of p50s)", "bus.jpg, 1 thread(s)")]["value"] is None
+    rate = t[("best T throughput / best S throughput", "S >= 1.5 x T means this <= 0.667")]
+    assert rate["value"] == pytest.approx(4.0 / 12.0, abs=1e-3) and rate["met"] is True
+    assert t[("S p50 / U p50 at concurrency 1", "bus.jpg, w1_b1")]["met"] is True
+    assert ("S p50 / U p50 at concurrency 1", "bus.jpg, w2_b1 (best configuration)") not in t  # w1_b1 is already best
+    assert t[("postprocessor p50", "8400 anchors, 2 thread(s)")]["met"] is False
 
 
 def test_render_markdown_has_every_section(fake_results):

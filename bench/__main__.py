@@ -123,7 +123,7 @@ def record_inprocess(proc, name: str, threads: int, samples: Samples, stages: Sa
     samples.setdefault(f"U|{name}", []).append(proc.u(name))
 
 
-def measure_config(cfg, args, work: Path, export_dir: Path, proc, samples: Samples, stages: Samples, first: bool) -> list[dict]:
+def measure_config(cfg, args, work: Path, export_dir: Path, proc, samples: Samples, stages: Samples) -> list[dict]:
     """S and T of one configuration side by side; L0/L1/U interleaved at concurrency 1. Returns table rows."""
     from bench import served
     from export.server import running_server
@@ -140,7 +140,7 @@ def measure_config(cfg, args, work: Path, export_dir: Path, proc, samples: Sampl
         servers = {"S": s_server, "T": t_server}
         clients = {k: served.Client(v) for k, v in servers.items()}
         pids = {k: served.server_pids(v, cfg.workers) for k, v in servers.items()}
-        new_connection = served.Client(s_server, keep_alive=False) if first else None
+        new_connection = served.Client(s_server, keep_alive=False)  # the keep-alive lever, at concurrency 1
         for name in proc.images:  # warm each server on each image shape; the answers must be detections
             for c in clients.values():
                 c.check(proc.images[name].data)
@@ -159,8 +159,7 @@ def measure_config(cfg, args, work: Path, export_dir: Path, proc, samples: Sampl
                             wall[key] += time.perf_counter() - t0
                             lat[key].append(ms)
                             samples.setdefault(f"{key}|{cfg.label}|{name}", []).append(ms)
-                        if new_connection is not None:
-                            samples.setdefault(f"S-new-connection|{cfg.label}|{name}", []).append(new_connection.post(image.data))
+                        samples.setdefault(f"S-new-connection|{cfg.label}|{name}", []).append(new_connection.post(image.data))
             else:
                 payloads = [im.data for im in proc.images.values()]
                 chunk = max(conc, args.requests // 2)
@@ -199,7 +198,8 @@ def run(args: argparse.Namespace, work: Path, command: str) -> int:
     log(f"export {args.weights} -> {work / 'export'}")
     export_dir = work / "export"
     export_model(args.weights, export_dir, [640, 640], check=False, log=lambda _: None)
-    pipeline = YoloPipeline.from_dir(export_dir)
+    # on a CUDA machine the served workers, U and T all use the GPU, so L0/L1 do too (FP32; FP16 in the GPU section)
+    pipeline = YoloPipeline.from_dir(export_dir, "cuda" if torch.cuda.is_available() else "cpu")
     pipeline.warmup(2)
     proc = inprocess.InProcess(pipeline, args.weights, images)
     results["meta"]["threads"] = {"L0/L1": "cores / workers of the configuration", "U": proc.u_threads, "cores": cores}
@@ -210,12 +210,18 @@ def run(args: argparse.Namespace, work: Path, command: str) -> int:
             record_inprocess(proc, name, cores, {}, {})
 
     log("postprocessor alone and levers")
+    thread_counts = sorted({1, cores})
     feats, geometry, thresholds, anchors = proc.postprocess_inputs("bus.jpg")
-    for _ in range(3):
-        proc.postprocess_once(feats, geometry, thresholds, cores)
-    post = [proc.postprocess_once(feats, geometry, thresholds, cores) for _ in range(max(20, 5 * args.rounds))]
-    results["postprocess"] = {"anchors": anchors, "image": "bus.jpg", "threads": cores, **summarize(post).as_dict()}
-    results["levers"] = inprocess.levers(proc, "bus.jpg", max(5, args.rounds), cores)
+    post: Samples = {}
+    for r in range(3 + max(20, 5 * args.rounds)):  # interleaved over thread counts; 3 warm-up rounds dropped
+        for n in thread_counts:
+            ms = proc.postprocess_once(feats, geometry, thresholds, n)
+            if r >= 3:
+                post.setdefault(str(n), []).append(ms)
+    results["postprocess"] = [
+        {"anchors": anchors, "image": "bus.jpg", "threads": int(n), **summarize(v).as_dict()} for n, v in post.items()
+    ]
+    results["levers"] = inprocess.levers(proc, "bus.jpg", max(5, args.rounds), thread_counts)
 
     served_rows: list[dict] = []
     if args.no_served:
@@ -226,8 +232,8 @@ def run(args: argparse.Namespace, work: Path, command: str) -> int:
         from bench.served import ServerConfig
 
         configs = [ServerConfig(w, b) for w in args.workers for b in args.batch]
-        for i, cfg in enumerate(configs):
-            served_rows += measure_config(cfg, args, work, export_dir, proc, samples, stages, first=i == 0)
+        for cfg in configs:
+            served_rows += measure_config(cfg, args, work, export_dir, proc, samples, stages)
 
     results["samples"] = {k: summarize(v).as_dict() for k, v in samples.items()}
     results["stages_p50_ms"] = {k: round(percentile(v, 50), 3) for k, v in stages.items()}

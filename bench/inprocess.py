@@ -13,6 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -138,8 +139,10 @@ class InProcess:
             return (time.perf_counter() - t0) * 1000
 
 
-def levers(proc: InProcess, name: str, rounds: int, threads: int) -> dict[str, dict[str, float]]:
-    """Each speed lever's alternatives on ``name``, interleaved round by round; median ms of each."""
+def levers(proc: InProcess, name: str, rounds: int, thread_counts: list[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each speed lever's alternatives on ``name`` at each torch thread count, interleaved round by
+    round; ``{lever: {alternative: {threads: median ms}}}``. Comparing the thread columns of the
+    backbone rows is the torch-threads lever."""
     from handler.letterbox import letterbox
 
     pipe = proc.pipeline
@@ -150,18 +153,8 @@ def levers(proc: InProcess, name: str, rounds: int, threads: int) -> dict[str, d
     square_pixels, _ = letterbox(image, pipe.imgsz, pipe.stride, "square")
     outputs, _ = pipe.infer([pipe.prepare(image)])
     body = image_json(outputs[0], image.shape[1], image.shape[0], proc.info, {"preprocess": 1.0, "inference": 1.0, "postprocess": 1.0})
-    try:
-        import torchvision.io as tvio
 
-        tv_data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-        def tv_decode() -> None:
-            tvio.decode_jpeg(tv_data)
-    except ImportError:
-        tv_decode = None
-
-    def forward(t: torch.Tensor, n: int) -> None:
-        proc._threads(n)
+    def forward(t: torch.Tensor) -> None:
         with torch.inference_mode():
             pipe.backbone(t)
 
@@ -169,7 +162,7 @@ def levers(proc: InProcess, name: str, rounds: int, threads: int) -> dict[str, d
         t = torch.from_numpy(rect_pixels).flip(-1).permute(2, 0, 1).unsqueeze(0)
         t.float().div_(255)
 
-    cases: dict[str, dict[str, callable]] = {
+    cases: dict[str, dict[str, Callable[[], object]]] = {
         "decode (JPEG)": {"cv2.imdecode": lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)},
         "JSON encoding": {
             "handler returns the dict: TorchServe's json.dumps(indent=2)": lambda: json.dumps(body, indent=2),
@@ -180,28 +173,33 @@ def levers(proc: InProcess, name: str, rounds: int, threads: int) -> dict[str, d
             "torch flip + permute": to_input_torch_flip,
         },
         "memory format (backbone)": {
-            "channels_last input": lambda: forward(x, threads),
-            "contiguous NCHW input": lambda: forward(x.contiguous(), threads),
+            "channels_last input": lambda: forward(x),
+            "contiguous NCHW input": lambda: forward(x.contiguous()),
         },
         "letterbox (backbone)": {
-            f"rect {tuple(rect_pixels.shape[:2])}": lambda: forward(pipe.to_input([rect_pixels]), threads),
-            f"square {tuple(square_pixels.shape[:2])}": lambda: forward(pipe.to_input([square_pixels]), threads),
+            f"rect {tuple(rect_pixels.shape[:2])}": lambda: forward(pipe.to_input([rect_pixels])),
+            f"square {tuple(square_pixels.shape[:2])}": lambda: forward(pipe.to_input([square_pixels])),
         },
-        "torch threads (backbone)": {f"{n} thread(s)": (lambda n=n: forward(x, n)) for n in sorted({1, threads})},
     }
-    if tv_decode is not None:
-        cases["decode (JPEG)"]["torchvision.io.decode_jpeg"] = tv_decode
-    times: dict[tuple[str, str], list[float]] = {}
-    for _ in range(rounds + 1):  # the first round warms up and is dropped
-        for lever, alts in cases.items():
-            for alt, fn in alts.items():
-                proc._threads(threads)
-                t0 = time.perf_counter()
-                fn()
-                times.setdefault((lever, alt), []).append((time.perf_counter() - t0) * 1000)
-    proc._threads(threads)
+    try:
+        import torchvision.io as tvio
+
+        tv_data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        cases["decode (JPEG)"]["torchvision.io.decode_jpeg"] = lambda: tvio.decode_jpeg(tv_data)
+    except ImportError:
+        pass
+    times: dict[tuple[str, str, int], list[float]] = {}
+    for r in range(rounds + 1):  # the first round warms up and is dropped
+        for n in thread_counts:
+            proc._threads(n)
+            for lever, alts in cases.items():
+                for alt, fn in alts.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    if r:
+                        times.setdefault((lever, alt, n), []).append((time.perf_counter() - t0) * 1000)
     return {
-        lever: {alt: round(float(np.median(times[(lever, alt)][1:])), 3) for alt in alts}
+        lever: {alt: {str(n): _median(times[(lever, alt, n)]) for n in thread_counts} for alt in alts}
         for lever, alts in cases.items()
     }
 

@@ -86,9 +86,15 @@ def ratios_and_targets(results: dict, cores: int) -> tuple[dict, list[dict]]:
     targets.append(target("best T throughput / best S throughput", ratio(best_t, best_s), 1 / 1.5, "x",
                           "S >= 1.5 x T means this <= 0.667"))
     targets += per_config("S p50 / U p50 at concurrency 1", "S/U", 0.8)
-    targets.append(target("postprocessor p50", results["postprocess"]["p50"], 2.0, "ms",
-                          f"{results['postprocess']['anchors']} anchors, {results['postprocess']['threads']} thread(s)"))
+    for p in _postprocess_rows(results):
+        targets.append(target("postprocessor p50", p["p50"], 2.0, "ms", f"{p['anchors']} anchors, {p['threads']} thread(s)"))
     return ratios, targets
+
+
+def _postprocess_rows(results: dict) -> list[dict]:
+    """The postprocessor-alone summaries, one per thread count (older results hold a single dict)."""
+    p = results["postprocess"]
+    return p if isinstance(p, list) else [p]
 
 
 def _f(v, digits: int = 1) -> str:
@@ -147,9 +153,9 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
             rows.append([img, n] + [_f(results["stages_p50_ms"].get(f"{n}|{img}|{s}"), 2) for s in stage_names])
     lines += _table(["image", "threads"] + stage_names, rows)
 
-    p = results["postprocess"]
-    lines += [f"Postprocessor alone ({p['anchors']} anchors, {p['image']} letterboxed square, {p['threads']} threads): "
-              f"p50 {_f(p['p50'], 2)} ms, p95 {_f(p['p95'], 2)} ms, p99 {_f(p['p99'], 2)} ms over {p['n']} calls.", ""]
+    for p in _postprocess_rows(results):
+        lines += [f"Postprocessor alone ({p['anchors']} anchors, {p['image']} letterboxed square, {p['threads']} thread(s)): "
+                  f"p50 {_f(p['p50'], 2)} ms, p95 {_f(p['p95'], 2)} ms, p99 {_f(p['p99'], 2)} ms over {p['n']} calls.", ""]
 
     if results["served"]:
         lines += ["#### Served (all three images in turn; latency ms, throughput images/s, CPU % of one core, "
@@ -173,9 +179,13 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
                 for label, rt in results["ratios"].items()]
         lines += _table(["config", "L0/L1 threads", "S/L1", "L1/L0", "S/U", "S-throughput/T-throughput"], rows)
 
-    lines += ["#### Levers, measured side by side in this run (bus.jpg, median ms)", ""]
-    rows = [[lever, alt, _f(ms, 2)] for lever, alts in results["levers"].items() for alt, ms in alts.items()]
-    lines += _table(["lever", "alternative", "ms"], rows)
+    lines += ["#### Levers, measured side by side in this run (bus.jpg, median ms per torch thread count)", ""]
+    per_thread = sorted({n for alts in results["levers"].values() for v in alts.values() if isinstance(v, dict) for n in v}, key=int)
+    rows = [
+        [lever, alt] + ([_f(ms.get(n), 2) for n in per_thread] if isinstance(ms, dict) else [_f(ms, 2)])
+        for lever, alts in results["levers"].items() for alt, ms in alts.items()
+    ]
+    lines += _table(["lever", "alternative"] + ([f"{n} thread(s)" for n in per_thread] or ["ms"]), rows)
 
     gpu = results["gpu"]
     lines += ["#### GPU", ""]

@@ -87,9 +87,10 @@ def fake_results() -> dict:
                              "torch": "2", "ultralytics": "8", "load_average_at_start": [0.1, 0.1, 0.1]}},
         "samples": samples,
         "stages_p50_ms": {"2|bus.jpg|decode": 5.0, "2|bus.jpg|json": 1.0, "2|bus.jpg|backbone": 70.0},
-        "postprocess": {"anchors": 8400, "image": "bus.jpg", "threads": 2, **_summary(2.5)},
+        "postprocess": [{"anchors": 8400, "image": "bus.jpg", "threads": 2, **_summary(2.5)},
+                        {"anchors": 8400, "image": "bus.jpg", "threads": 1, **_summary(1.5)}],
         "served": served,
-        "levers": {"JSON encoding": {"indent=2": 12.0, "compact": 0.5}},
+        "levers": {"JSON encoding": {"indent=2": {"1": 12.0, "2": 13.0}, "compact": {"1": 0.5, "2": 0.25}}},
         "gpu": {"skipped": "CUDA is not available"},
     }
     results["ratios"], results["targets"] = report.ratios_and_targets(results, cores=2)
@@ -119,6 +120,7 @@ def test_ratios_and_targets(fake_results):
     assert t[("S p50 / U p50 at concurrency 1", "bus.jpg, w1_b1")]["met"] is True
     assert ("S p50 / U p50 at concurrency 1", "bus.jpg, w2_b1 (best configuration)") not in t  # w1_b1 is already best
     assert t[("postprocessor p50", "8400 anchors, 2 thread(s)")]["met"] is False
+    assert t[("postprocessor p50", "8400 anchors, 1 thread(s)")]["met"] is True
 
 
 def test_render_markdown_has_every_section(fake_results):
@@ -130,6 +132,7 @@ def test_render_markdown_has_every_section(fake_results):
     assert "| S p50 / L1 p50 at concurrency 1 | 1.200 x | 1.1 x | bus.jpg, w1_b1 | **no** |" in md
     assert "| S | 1 | 1 | 4 | 300.0 | 360.0 | 390.0 | 12.00 | 150 | 600 |" in md
     assert "Skipped: CUDA is not available." in md
+    assert "| lever | alternative | 1 thread(s) | 2 thread(s) |" in md and "| JSON encoding | compact | 0.50 | 0.25 |" in md
     assert "![latency against concurrency](bench.png)" in md
     width = None  # every row of a table has as many cells as its header
     for line in md.splitlines():
@@ -139,6 +142,16 @@ def test_render_markdown_has_every_section(fake_results):
             width = line.count("|")
         else:
             assert line.count("|") == width, line
+
+
+def test_render_markdown_reads_the_older_single_thread_format(fake_results):
+    """Results written before levers and the postprocessor were measured per thread count still render."""
+    fake_results["postprocess"] = fake_results["postprocess"][0]
+    fake_results["levers"] = {"JSON encoding": {"indent=2": 12.0}}
+    fake_results["ratios"], fake_results["targets"] = report.ratios_and_targets(fake_results, cores=2)
+    md = report.render_markdown(fake_results)
+    assert "| lever | alternative | ms |" in md and "| JSON encoding | indent=2 | 12.00 |" in md
+    assert [t["where"] for t in fake_results["targets"] if t["target"] == "postprocessor p50"] == ["8400 anchors, 2 thread(s)"]
 
 
 def test_update_docs_replaces_only_the_generated_block(tmp_path):
@@ -160,7 +173,7 @@ def test_write_plot_writes_a_png(fake_results, tmp_path):
 
 def test_tiny_real_l0_l1(pose_export, sample_images):
     """One real L0 and L1 call each: the harness's in-process paths run and the stages add up."""
-    from bench.inprocess import BenchImage, InProcess
+    from bench.inprocess import BenchImage, InProcess, levers
     from handler.pipeline import YoloPipeline
 
     pipeline = YoloPipeline.from_dir(pose_export.out_dir)
@@ -176,3 +189,6 @@ def test_tiny_real_l0_l1(pose_export, sample_images):
     assert proc.postprocess_once(feats, geometry, thresholds) > 0
     with pytest.raises(RuntimeError, match="weights"):
         proc.u(images[0].name)
+    lev = levers(proc, images[0].name, rounds=1, thread_counts=[1])
+    assert {"decode (JPEG)", "JSON encoding", "input conversion", "memory format (backbone)", "letterbox (backbone)"} <= set(lev)
+    assert all(set(v) == {"1"} and v["1"] > 0 for alts in lev.values() for v in alts.values())

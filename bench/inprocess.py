@@ -189,15 +189,17 @@ def levers(proc: InProcess, name: str, rounds: int, thread_counts: list[int]) ->
     except ImportError:
         pass
     times: dict[tuple[str, str, int], list[float]] = {}
-    for r in range(rounds + 1):  # the first round warms up and is dropped
-        for n in thread_counts:
-            proc._threads(n)
-            for lever, alts in cases.items():
-                for alt, fn in alts.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    if r:
-                        times.setdefault((lever, alt, n), []).append((time.perf_counter() - t0) * 1000)
+    with warnings.catch_warnings():  # torchvision 0.29 warns on every decode_jpeg (deprecated); we only compare it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for r in range(rounds + 1):  # the first round warms up and is dropped
+            for n in thread_counts:
+                proc._threads(n)
+                for lever, alts in cases.items():
+                    for alt, fn in alts.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        if r:
+                            times.setdefault((lever, alt, n), []).append((time.perf_counter() - t0) * 1000)
     return {
         lever: {alt: {str(n): _median(times[(lever, alt, n)]) for n in thread_counts} for alt in alts}
         for lever, alts in cases.items()

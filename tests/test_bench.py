@@ -192,3 +192,17 @@ def test_tiny_real_l0_l1(pose_export, sample_images):
     lev = levers(proc, images[0].name, rounds=1, thread_counts=[1])
     assert {"decode (JPEG)", "JSON encoding", "input conversion", "memory format (backbone)", "letterbox (backbone)"} <= set(lev)
     assert all(set(v) == {"1"} and v["1"] > 0 for alts in lev.values() for v in alts.values())
+
+
+def test_in_process_only_results_render(fake_results, tmp_path):
+    """``--no-served``: no served rows, so no ratios per configuration; targets 1, 3 and 4 have no value."""
+    fake_results["served"] = []
+    fake_results["samples"] = {k: v for k, v in fake_results["samples"].items() if not k.startswith(("S|", "T|"))}
+    fake_results["ratios"], fake_results["targets"] = report.ratios_and_targets(fake_results, cores=2)
+    assert fake_results["ratios"] == {}
+    missing = {t["target"] for t in fake_results["targets"] if t["value"] is None}
+    assert {"S p50 / L1 p50 at concurrency 1", "best T throughput / best S throughput", "S p50 / U p50 at concurrency 1"} <= missing
+    md = report.render_markdown(fake_results)
+    assert "#### Served" not in md and "#### In process" in md
+    report.write_plot(fake_results, tmp_path / "p.png")
+    assert (tmp_path / "p.png").is_file()

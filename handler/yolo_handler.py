@@ -28,7 +28,7 @@ from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
 from handler.pipeline import Prepared, Thresholds, YoloPipeline, load_artifacts
 from handler.request import PreparedRequest, parse_served_request
-from handler.response import ModelInfo, ResponseOptions, image_json
+from handler.response import ModelInfo, ResponseOptions, encode_response, image_json
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ class YoloHandler(BaseHandler):
         self.context = context
         self.initialized = True
 
-    def handle(self, data: list, context) -> list:
-        """One response per request: detections (classify: top classes), or ``{"error": ...}`` with that request's 4xx."""
+    def handle(self, data: list, context) -> list[str]:
+        """One JSON text per request: detections (classify: top classes), or ``{"error": ...}`` with that request's 4xx."""
         results: list[dict | None] = [None] * len(data)
         items: list[PreparedRequest] = []
         for idx, row in enumerate(data):
@@ -141,7 +141,9 @@ class YoloHandler(BaseHandler):
         forwards = self._infer(items, results, context) if items else []
         logger.info("batch of %d request(s): %d served, forwards (n, h, w) %s", len(data), len(items), forwards)
         _record(context, METRIC_BATCH_SIZE, len(data), unit="count")
-        return results
+        for idx in range(len(data)):
+            context.set_response_content_type(idx, "application/json")
+        return [encode_response(r) for r in results]
 
     def _prepare(self, row, content_type: str | None) -> tuple[Prepared, tuple[int, int], ResponseOptions]:
         image_bytes, thresholds, options = parse_served_request(row, self.defaults, self.pipeline.names, content_type)

@@ -168,7 +168,7 @@ def make_context(model_dir: Path, handler_section: dict | None = None) -> Contex
 def run_batch(handler, ctx: Context, rows: list[dict], content_types: list[str] | None = None):
     types = content_types or ["image/jpeg"] * len(rows)
     ctx.request_processor = [RequestProcessor({"body": {"content-type": t}}) for t in types]
-    out = handler.handle(rows, ctx)
+    out = [json.loads(text) for text in handler.handle(rows, ctx)]  # the handler returns JSON text
     statuses = [rp.get_response_status_code() for rp in ctx.request_processor]
     return out, statuses
 
@@ -336,3 +336,14 @@ def test_auto_threads_share_the_cores_among_workers(monkeypatch, yaml, expected)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert cpu_threads(torch.device("cpu"), _YamlContext(yaml)) == expected
     assert cpu_threads(torch.device("cuda:0"), _YamlContext(yaml)) == 0
+
+
+def test_handle_returns_compact_json_text_with_its_content_type(pose_handler, images):
+    """The handler encodes each answer itself (TorchServe would json.dumps a dict with indent=2)."""
+    h, ctx = pose_handler
+    ctx.request_processor = [RequestProcessor({"body": {"content-type": "image/jpeg"}}) for _ in range(2)]
+    texts = h.handle([{"body": bytearray(images["bus"])}, {"body": bytearray(b"not an image")}], ctx)
+    assert all(isinstance(t, str) for t in texts)
+    assert "\n" not in texts[0] and ", " not in texts[0]  # compact separators (the detections hold no strings with ", ")
+    assert [json.loads(t).keys() >= {"error"} for t in texts] == [False, True]
+    assert [rp.get_response_headers().get("content-type") for rp in ctx.request_processor] == ["application/json"] * 2

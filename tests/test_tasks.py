@@ -125,7 +125,7 @@ def handle(export, rows: list[dict]) -> tuple[list[dict], Context]:
     h = YoloHandler()
     h.initialize(ctx)
     ctx.request_processor = [RequestProcessor({}) for _ in rows]
-    return h.handle(rows, ctx), ctx
+    return [json.loads(text) for text in h.handle(rows, ctx)], ctx  # the handler returns JSON text
 
 
 def test_segment_handler_masks_are_the_pipelines(seg_export, sample_images):

@@ -91,6 +91,14 @@ def make_anchors(feats: List[Tensor], strides: List[float]) -> Tuple[Tensor, Ten
     return torch.cat(points), torch.cat(stride_rows)
 
 
+def gather_levels(feats: List[Tensor]) -> Tensor:
+    """Level maps ``[B, no, H_i, W_i]`` -> ``float32[B, A, no]``, one row per anchor in :func:`make_anchors`
+    order. The per-level permute is a view for channels-last maps (what the traced backbone returns),
+    so the only copy is the concatenation of contiguous blocks."""
+    b, no = feats[0].shape[0], feats[0].shape[1]
+    return torch.cat([f.permute(0, 2, 3, 1).reshape(b, -1, no) for f in feats], 1).float()
+
+
 def dfl_distances(box: Tensor, reg_max: int) -> Tensor:
     """``box: [B, 4 * reg_max, A]`` logits -> ``[B, 4, A]`` ltrb distances in grid units.
 
@@ -117,7 +125,7 @@ def decode_keypoints(raw: Tensor, anchors: Tensor, stride: Tensor, kdim: int, po
     v8/v11 ``Pose`` and YOLO26 ``Pose26`` (``pose26=True``) use different offsets. Visibility is the sigmoid of the third channel, or 1.0 when ``kdim == 2``.
     """
     b, a = raw.shape[0], raw.shape[2]
-    y = raw.permute(0, 2, 1).reshape(b, a, -1, kdim)  # [B, A, nkpt, kdim]
+    y = raw.permute(0, 2, 1).reshape(b, a, raw.shape[1] // kdim, kdim)  # [B, A, nkpt, kdim]; A may be 0
     grid = anchors.view(1, a, 1, 2)
     s = stride.view(1, a, 1, 1)
     if pose26:
@@ -170,6 +178,22 @@ def nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float, ma
     return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
 
 
+def nms_candidates(
+    scores: Tensor, conf: float, class_mask: Optional[Tensor], max_candidates: int = 30000
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One image, one-to-many head, before NMS. ``scores: [A, nc]`` -> the candidates
+    ``(index int64[N] into A, score float32[N], class int64[N])``: best class ``> conf``, the class
+    filter, and at most ``max_candidates`` (the highest scores), as Ultralytics' ``non_max_suppression``."""
+    best, cls = scores.max(1)  # [A] each
+    keep = best > conf
+    if class_mask is not None:
+        keep = keep & class_mask[cls]
+    idx = keep.nonzero().view(-1)  # [N]
+    if idx.numel() > max_candidates:
+        idx = idx[best[idx].argsort(descending=True)[:max_candidates]]
+    return idx, best[idx], cls[idx]
+
+
 def select_nms(
     boxes: Tensor,
     scores: Tensor,
@@ -183,15 +207,9 @@ def select_nms(
     """One image, one-to-many head. ``boxes: [A, 4]``, ``scores: [A, nc]`` ->
     ``(index int64[K] into A, score float32[K], class int64[K])``, Ultralytics' ``non_max_suppression``
     (``max_candidates`` is its ``max_nms``)."""
-    best, cls = scores.max(1)  # [A] each
-    keep = best > conf
-    if class_mask is not None:
-        keep = keep & class_mask[cls]
-    idx = keep.nonzero().view(-1)  # [N]
-    if idx.numel() > max_candidates:
-        idx = idx[best[idx].argsort(descending=True)[:max_candidates]]
-    kept = idx[nms(boxes[idx], best[idx], cls[idx], iou, max_det, agnostic)]
-    return kept, best[kept], cls[kept]
+    idx, best, cls = nms_candidates(scores, conf, class_mask, max_candidates)
+    k = nms(boxes[idx], best, cls, iou, max_det, agnostic)
+    return idx[k], best[k], cls[k]
 
 
 def select_topk(
@@ -294,6 +312,17 @@ def nms_rotated(rboxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: 
     return order[(~suppressed).nonzero().view(-1)[:max_keep]]
 
 
+def nms_rotated_classes(
+    rboxes: Tensor, scores: Tensor, classes: Tensor, iou: float, max_det: int, agnostic: bool, class_offset: float = 7680.0
+) -> Tensor:
+    """Rotated NMS of candidates ``rboxes: [N, 5]`` xywhr input pixels, ``scores, classes: [N]`` ->
+    ``int64[K]`` indices into N, highest score first; per class by shifting each class's centres
+    ``class_offset`` apart (Ultralytics' ``max_wh``), unless ``agnostic``."""
+    offset = classes.to(torch.float32).view(-1, 1) * (0.0 if agnostic else class_offset)
+    shifted = torch.cat((rboxes[:, :2] + offset, rboxes[:, 2:]), 1)  # [N, 5]
+    return nms_rotated(shifted, scores, iou, max_det)
+
+
 def select_nms_rotated(
     rboxes: Tensor,
     scores: Tensor,
@@ -306,20 +335,10 @@ def select_nms_rotated(
     class_offset: float = 7680.0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One image, OBB one-to-many head. ``rboxes: [A, 5]`` xywhr input pixels, ``scores: [A, nc]`` ->
-    ``(index int64[K] into A, score float32[K], class int64[K])``, Ultralytics' ``non_max_suppression(rotated=True)``
-    (``class_offset`` is its ``max_wh``: per-class NMS by shifting each class's centres apart)."""
-    best, cls = scores.max(1)  # [A] each
-    keep = best > conf
-    if class_mask is not None:
-        keep = keep & class_mask[cls]
-    idx = keep.nonzero().view(-1)  # [N]
-    if idx.numel() > max_candidates:
-        idx = idx[best[idx].argsort(descending=True)[:max_candidates]]
-    cand = rboxes[idx]
-    offset = cls[idx].to(torch.float32).view(-1, 1) * (0.0 if agnostic else class_offset)
-    shifted = torch.cat((cand[:, :2] + offset, cand[:, 2:]), 1)  # [N, 5]
-    kept = idx[nms_rotated(shifted, best[idx], iou, max_det)]
-    return kept, best[kept], cls[kept]
+    ``(index int64[K] into A, score float32[K], class int64[K])``, Ultralytics' ``non_max_suppression(rotated=True)``."""
+    idx, best, cls = nms_candidates(scores, conf, class_mask, max_candidates)
+    k = nms_rotated_classes(rboxes[idx], best, cls, iou, max_det, agnostic, class_offset)
+    return idx[k], best[k], cls[k]
 
 
 def rbox_corners(rboxes: Tensor) -> Tensor:
@@ -408,7 +427,8 @@ class YoloPostprocess(nn.Module):
         self.ncols = 6 + 3 * self.nkpt + (13 if self.obb else 0)
 
     def decode(self, feats: List[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Raw level maps -> ``boxes [B, A, 4]`` (xyxy input pixels; OBB: rotated cx, cy, w, h),
+        """Full decode of every anchor (a reference; :meth:`forward` decodes the candidates only):
+        raw level maps -> ``boxes [B, A, 4]`` (xyxy input pixels; OBB: rotated cx, cy, w, h),
         ``scores [B, A, nc]`` and the task's extra values: ``keypoints [B, A, nkpt, 3]`` (pose),
         ``angle [B, A, 1]`` radians (obb), ``coefficients [B, A, nm]`` (segment); None for detect."""
         anchors, stride = make_anchors(feats, self.strides)  # [A, 2], [A, 1]
@@ -418,9 +438,7 @@ class YoloPostprocess(nn.Module):
         scores = raw[:, nbox : nbox + self.nc].sigmoid().permute(0, 2, 1)  # [B, A, nc]
         rest = raw[:, nbox + self.nc :]  # [B, no - nbox - nc, A]
         if self.obb:
-            angle = rest[:, 0]  # [B, A]
-            if self.angle_sigmoid:
-                angle = (angle.sigmoid() - 0.25) * 3.141592653589793
+            angle = self._angle(rest[:, 0])  # [B, A]
             return decode_rboxes(dist, angle, anchors, stride), scores, angle.unsqueeze(-1)
         boxes = decode_boxes(dist, anchors, stride)
         extra: Optional[Tensor] = None
@@ -429,6 +447,34 @@ class YoloPostprocess(nn.Module):
         elif self.nm > 0:
             extra = rest.permute(0, 2, 1)  # [B, A, nm]
         return boxes, scores, extra
+
+    def _angle(self, raw: Tensor) -> Tensor:
+        """Raw angle channel -> radians (any shape)."""
+        if self.angle_sigmoid:
+            return (raw.sigmoid() - 0.25) * 3.141592653589793
+        return raw
+
+    def _scores(self, rows: Tensor) -> Tensor:
+        """One image's rows ``[A, no]`` -> class probabilities ``[A, nc]``. The sigmoid runs on one
+        contiguous ``[nc, A]`` block, as in :meth:`decode`: on CPU the vectorised and scalar sigmoid can
+        differ in the last bit, which could reorder near-ties."""
+        nbox = 4 * self.reg_max
+        return rows[:, nbox : nbox + self.nc].t().contiguous().sigmoid().t()
+
+    def _boxes(self, rows: Tensor, anchors: Tensor, stride: Tensor) -> Tensor:
+        """Candidate rows ``[N, no]`` (of :func:`gather_levels`) with their ``anchors [N, 2]``,
+        ``stride [N, 1]`` -> ``[N, 4]`` xyxy input pixels, or OBB ``[N, 5]`` xywhr (input pixels, radians)."""
+        nbox = 4 * self.reg_max
+        dist = dfl_distances(rows[:, :nbox].t().contiguous().unsqueeze(0), self.reg_max)  # [1, 4, N]
+        if self.obb:
+            angle = self._angle(rows[:, nbox + self.nc]).unsqueeze(0)  # [1, N]
+            return torch.cat((decode_rboxes(dist, angle, anchors, stride)[0], angle.view(-1, 1)), 1)
+        return decode_boxes(dist, anchors, stride)[0]
+
+    def _keypoints(self, rows: Tensor, anchors: Tensor, stride: Tensor) -> Tensor:
+        """Candidate rows ``[N, no]`` -> ``[N, nkpt, 3]`` keypoints (x, y input pixels, visibility)."""
+        raw = rows[:, 4 * self.reg_max + self.nc :].t().unsqueeze(0)  # [1, nkpt * kdim, N]
+        return decode_keypoints(raw, anchors, stride, self.kdim, self.kpt_decode == 2)[0]
 
     def forward(
         self,
@@ -445,9 +491,11 @@ class YoloPostprocess(nn.Module):
             protos = feats[-1]  # [B, nm, H / 4, W / 4]
             feats = feats[:-1]
         input_hw = [int(feats[0].shape[2] * self.strides[0]), int(feats[0].shape[3] * self.strides[0])]
-        boxes, scores, extra = self.decode(feats)
-        bsz = boxes.shape[0]
-        device = boxes.device
+        anchors, stride = make_anchors(feats, self.strides)  # [A, 2], [A, 1]
+        raw = gather_levels(feats)  # [B, A, no]
+        nbox = 4 * self.reg_max
+        bsz = raw.shape[0]
+        device = raw.device
         geometry = geometry.to(device=device, dtype=torch.float32)
         limit = int(max_det.max()) if max_det.numel() > 0 else 1
         out = torch.zeros((bsz, limit, self.ncols), dtype=torch.float32, device=device)
@@ -459,35 +507,49 @@ class YoloPostprocess(nn.Module):
                 mask = class_mask[b].to(device)
             conf_b = float(conf[b])
             max_det_b = int(max_det[b])
+            scores = self._scores(raw[b])  # [A, nc]; nothing else is decoded for all anchors
             if self.end2end:
-                index, score, cls = select_topk(scores[b], conf_b, max_det_b, mask, agnostic)
-            elif self.obb and extra is not None:
-                rb = torch.cat((boxes[b], extra[b]), 1)  # [A, 5] xywhr
-                index, score, cls = select_nms_rotated(rb, scores[b], conf_b, float(iou[b]), max_det_b, mask, agnostic)
+                index, score, cls = select_topk(scores, conf_b, max_det_b, mask, agnostic)  # [K] each
+                boxes = self._boxes(raw[b][index], anchors[index], stride[index])  # [K, 4] (obb [K, 5])
             else:
-                index, score, cls = select_nms(boxes[b], scores[b], conf_b, float(iou[b]), max_det_b, mask, agnostic)
-            if protos is not None and extra is not None:
-                masks_in = input_masks(protos[b], extra[b][index], boxes[b][index], input_hw)  # [n, H_in, W_in]
+                index, score, cls = nms_candidates(scores, conf_b, mask)  # [N] each
+                boxes = self._boxes(raw[b][index], anchors[index], stride[index])  # [N, 4] (obb [N, 5])
+                if self.obb:
+                    k = nms_rotated_classes(boxes, score, cls, float(iou[b]), max_det_b, agnostic)  # [K]
+                else:
+                    k = nms(boxes, score, cls, float(iou[b]), max_det_b, agnostic)  # [K]
+                index, score, cls, boxes = index[k], score[k], cls[k], boxes[k]
+            if protos is not None:
+                coeffs = raw[b][index][:, nbox + self.nc :]  # [K, nm]
+                masks_in = input_masks(protos[b], coeffs, boxes, input_hw)  # [K, H_in, W_in]
                 nonempty = masks_in.flatten(1).any(1)  # the predictor drops detections without a mask pixel
-                index, score, cls = index[nonempty], score[nonempty], cls[nonempty]
+                index, score, cls, boxes = index[nonempty], score[nonempty], cls[nonempty], boxes[nonempty]
                 image_masks.append(unletterbox_masks(masks_in[nonempty], geometry[b]))
-            n = index.shape[0]
-            cols = [torch.zeros((n, 4), device=device), score.view(n, 1), cls.to(torch.float32).view(n, 1)]
-            if self.obb and extra is not None:
-                rb = unletterbox_rboxes(torch.cat((boxes[b][index], extra[b][index]), 1), geometry[b])  # [n, 5]
-                corners = rbox_corners(rb)  # [n, 4, 2]
-                cols[0] = torch.cat((corners.amin(1), corners.amax(1)), 1)
-                cols.append(rb)
-                cols.append(corners.view(n, 8))
-            else:
-                cols[0] = unletterbox_points(boxes[b][index].view(n, 2, 2), geometry[b]).view(n, 4)
-            if self.nkpt > 0 and extra is not None:
-                kb = extra[b][index]  # [n, nkpt, 3]
-                kxy = unletterbox_points(kb[..., :2], geometry[b])
-                cols.append(torch.cat((kxy, kb[..., 2:3]), -1).view(n, 3 * self.nkpt))
-            out[b, :n] = torch.cat(cols, 1)
-            counts[b] = n
+            out[b, : index.shape[0]] = self._rows(raw[b][index], anchors[index], stride[index], boxes, score, cls, geometry[b])
+            counts[b] = index.shape[0]
         return out, counts, self._stack_masks(image_masks, counts, geometry)
+
+    def _rows(
+        self, rows: Tensor, anchors: Tensor, stride: Tensor, boxes: Tensor, score: Tensor, cls: Tensor, geometry: Tensor
+    ) -> Tensor:
+        """The kept detections of one image -> ``float32[K, ncols]`` output rows (original-image pixels).
+        ``rows [K, no]``, ``anchors [K, 2]``, ``stride [K, 1]``, decoded ``boxes [K, 4]`` (obb ``[K, 5]``),
+        ``score, cls: [K]``, ``geometry: float32[6]``."""
+        n = rows.shape[0]
+        cols = [torch.zeros((n, 4), device=rows.device), score.view(n, 1), cls.to(torch.float32).view(n, 1)]
+        if self.obb:
+            rb = unletterbox_rboxes(boxes, geometry)  # [K, 5]
+            corners = rbox_corners(rb)  # [K, 4, 2]
+            cols[0] = torch.cat((corners.amin(1), corners.amax(1)), 1)
+            cols.append(rb)
+            cols.append(corners.view(n, 8))
+        else:
+            cols[0] = unletterbox_points(boxes.view(n, 2, 2), geometry).view(n, 4)
+        if self.nkpt > 0:
+            kb = self._keypoints(rows, anchors, stride)  # [K, nkpt, 3]
+            kxy = unletterbox_points(kb[..., :2], geometry)
+            cols.append(torch.cat((kxy, kb[..., 2:3]), -1).view(n, 3 * self.nkpt))
+        return torch.cat(cols, 1)
 
     def _stack_masks(self, image_masks: List[Tensor], counts: Tensor, geometry: Tensor) -> Tensor:
         """Per-image ``uint8[n_b, h_b, w_b]`` -> ``uint8[B, max(counts), max h, max w]``, zero-padded."""

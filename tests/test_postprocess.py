@@ -15,11 +15,13 @@ from export import postprocess as pp
 
 PUBLIC_FUNCTIONS = [
     pp.make_anchors,
+    pp.gather_levels,
     pp.dfl_distances,
     pp.decode_boxes,
     pp.decode_keypoints,
     pp.box_iou_one,
     pp.nms,
+    pp.nms_candidates,
     pp.select_nms,
     pp.select_topk,
     pp.unletterbox_points,
@@ -27,6 +29,7 @@ PUBLIC_FUNCTIONS = [
     pp.rbox_covariance,
     pp.batch_probiou,
     pp.nms_rotated,
+    pp.nms_rotated_classes,
     pp.select_nms_rotated,
     pp.rbox_corners,
     pp.unletterbox_rboxes,
@@ -409,3 +412,35 @@ def test_non_segment_models_return_an_empty_mask_tensor():
     dets, counts, masks = _module()(_feats(1, 64, 64, 64 + 3), torch.tensor([[0.0, 0.0, 1.0, 1.0, 64.0, 64.0]]),
                                     torch.tensor([0.1]), torch.tensor([0.7]), torch.tensor([5]))
     assert masks.shape == (1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "end2end,kpt,decode",
+    [(False, (0, 0), pp.KPT_DECODE_NONE), (False, (17, 3), pp.KPT_DECODE_POSE), (True, (17, 3), pp.KPT_DECODE_POSE26)],
+)
+def test_forward_decodes_candidates_like_the_full_decode(end2end, kpt, decode, channels_last):
+    """forward decodes only the candidates; the rows equal the full decode() of every anchor followed by
+    the selection (up to last-bit rounding of the DFL softmax / sigmoid on fewer elements)."""
+    torch.manual_seed(0)
+    reg_max = 1 if end2end else 16
+    module = pp.YoloPostprocess(3, reg_max, [8.0, 16.0, 32.0], end2end, kpt, decode)
+    feats = _feats(1, 256, 320, 4 * reg_max + 3 + kpt[0] * kpt[1])
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    geometry = torch.tensor([[0.0, 32.0, 0.5, 0.5, 640.0, 384.0]])
+    out, counts, _ = _script(module)(feats, geometry, torch.tensor([0.3]), torch.tensor([0.6]), torch.tensor([100]))
+    boxes, scores, extra = module.decode(feats)
+    if end2end:
+        index, score, cls = pp.select_topk(scores[0], 0.3, 100, None, False)
+    else:
+        index, score, cls = pp.select_nms(boxes[0], scores[0], 0.3, 0.6, 100, None, False)
+    n = int(counts[0])
+    assert n == index.numel() > 0
+    assert torch.equal(out[0, :n, 4], score) and torch.equal(out[0, :n, 5], cls.float())
+    xyxy = pp.unletterbox_points(boxes[0][index].view(n, 2, 2), geometry[0]).view(n, 4)
+    torch.testing.assert_close(out[0, :n, :4], xyxy, rtol=1e-6, atol=1e-5)
+    if kpt[0]:
+        kb = extra[0][index]  # [n, 17, 3]
+        ref = torch.cat((pp.unletterbox_points(kb[..., :2], geometry[0]), kb[..., 2:3]), -1).view(n, -1)
+        torch.testing.assert_close(out[0, :n, 6:], ref, rtol=1e-6, atol=1e-5)

@@ -134,7 +134,7 @@ class InProcess:
         self._threads(threads)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            dets, counts = self.pipeline.postprocess(feats, geometry, *thresholds)
+            dets, counts, _masks = self.pipeline.postprocess(feats, geometry, *thresholds)
             dets.cpu()
             return (time.perf_counter() - t0) * 1000
 

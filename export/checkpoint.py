@@ -145,15 +145,13 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
     angle_decode = ANGLE_DECODE_NONE
     if task == "obb":
         angle_decode = ANGLE_DECODE_OBB26 if head_type == "OBB26" else ANGLE_DECODE_OBB
-    names = model.names
-    names = [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else [str(n) for n in names]
     return LoadedModel(
         source=weights,
         path=src,
         seed=seed,
         model=model,
         task=task,
-        names=names,
+        names=class_names(model),
         strides=[float(s) for s in head_module.stride],
         reg_max=int(head_module.reg_max),
         end2end=bool(getattr(head_module, "end2end", False)),
@@ -165,6 +163,12 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
         nm=int(head_module.nm) if task == "segment" else 0,
         angle_decode=angle_decode,
     )
+
+
+def class_names(model: nn.Module) -> list[str]:
+    """The model's class names as a list (index = class id), from Ultralytics' ``{id: name}`` dict or a list."""
+    names = model.names
+    return [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else [str(n) for n in names]
 
 
 def _predict_imgsz(yolo) -> int | list[int]:
@@ -182,15 +186,13 @@ def _classifier(yolo, weights: str, src: Path, seed: int) -> LoadedModel:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = yolo.model.float().eval().fuse(verbose=False)
-    names = model.names
-    names = [str(names[i]) for i in range(len(names))] if isinstance(names, dict) else [str(n) for n in names]
     return LoadedModel(
         source=weights,
         path=src,
         seed=seed,
         model=model,
         task="classify",
-        names=names,
+        names=class_names(model),
         strides=[float(s) for s in model.stride],  # [1.0]: no constraint; max_stride 32, as AutoBackend's
         reg_max=0,
         end2end=False,

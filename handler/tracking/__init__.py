@@ -1,0 +1,19 @@
+"""Multi-object tracking for video streams: ByteTrack and BoT-SORT as Ultralytics 8.4.190 runs them.
+
+Pure numpy + OpenCV + ``lap`` (and torch for the OBB probIoU); no Ultralytics import. One tracker per
+stream::
+
+    params = tracker_params("bytetrack", {"track_buffer": 60})   # ValueError names a bad key
+    tracker = create_tracker(params)
+    frame_tracks = tracker.update(Detections(boxes, scores, classes), frame_bgr)
+    frame_tracks.rows   # float32[M, 8] [x1, y1, x2, y2, track_id, score, cls, idx]
+"""
+
+from handler.tracking.params import (BotSortParams, ByteTrackParams, GMC_METHODS, TRACKER_NAMES, TrackerParams,
+                                     tracker_name, tracker_params)
+from handler.tracking.tracker import BotSortTracker, ByteTracker, Detections, FrameTracks, create_tracker
+
+__all__ = [
+    "BotSortParams", "BotSortTracker", "ByteTrackParams", "ByteTracker", "Detections", "FrameTracks", "GMC_METHODS",
+    "TRACKER_NAMES", "TrackerParams", "create_tracker", "tracker_name", "tracker_params",
+]

@@ -126,7 +126,7 @@ def record_inprocess(proc, name: str, threads: int, samples: Samples, stages: Sa
 def measure_config(cfg, args, work: Path, export_dir: Path, proc, samples: Samples, stages: Samples) -> list[dict]:
     """S and T of one configuration side by side; L0/L1/U interleaved at concurrency 1. Returns table rows."""
     from bench import served
-    from export.server import running_server
+    from tools.server import running_server
 
     cores = os.cpu_count() or 1
     threads = max(1, cores // cfg.workers)

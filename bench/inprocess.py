@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from handler.decode import decode_image
-from handler.pipeline import Thresholds, YoloPipeline, threshold_tensors
-from handler.response import ModelInfo, encode_response, image_json
+from handler.pipeline import YoloPipeline
+from handler.response import encode_response
+from handler.service import YoloService
+from handler.tasks.detect import threshold_tensors
 
 
 @dataclass
@@ -51,8 +53,7 @@ class InProcess:
 
     def __init__(self, pipeline: YoloPipeline, weights: str | None, images: list[BenchImage]) -> None:
         self.pipeline = pipeline
-        meta = pipeline.metadata
-        self.info = ModelInfo(meta["name"], meta["task"], pipeline.names, meta["kpt_shape"][0] if meta.get("kpt_shape") else 0)
+        self.service = YoloService(pipeline)  # L1 is the public service, exactly as the handler calls it
         self.images = {im.name: im for im in images}
         self.yolo = None
         if weights is not None:
@@ -82,28 +83,28 @@ class InProcess:
             return (time.perf_counter() - t0) * 1000
 
     def l1(self, name: str, threads: int | None = None) -> tuple[float, dict[str, float]]:
-        """Encoded bytes -> decode -> letterbox -> backbone -> postprocessor -> JSON bytes; total and stage ms."""
+        """Encoded bytes -> :meth:`YoloService.predict` (parse, decode, transform, backbone, postprocessor,
+        response body) -> JSON text; the total and the stages the service measured itself (ms).
+
+        The stages are timed separately from the total, so their sum is at most the total; the gap is
+        the service's own bookkeeping."""
         self._threads(threads)
         data = self.images[name].data
         t0 = time.perf_counter()
-        image = decode_image(data)
+        answer = self.service.predict(data)
         t1 = time.perf_counter()
-        prepared = self.pipeline.prepare(image)
+        encode_response(answer.body)
         t2 = time.perf_counter()
-        outputs, times = self.pipeline.infer([prepared])
-        t3 = time.perf_counter()
-        speed = {"preprocess": (t2 - t0) * 1000, "inference": times.inference, "postprocess": times.postprocess}
-        encode_response(image_json(outputs[0], image.shape[1], image.shape[0], self.info, speed))
-        t4 = time.perf_counter()
+        if answer.status != 200:
+            raise RuntimeError(f"L1 on {name}: {answer.status} {answer.body}")
+        speed = answer.body["speed_ms"]  # rounded to 0.01 ms
         stages = {
-            "decode": (t1 - t0) * 1000,
-            "letterbox": (t2 - t1) * 1000,
-            "backbone": times.inference,  # includes the uint8 -> float input conversion (to_input)
-            "postprocess": times.postprocess,
-            "infer_other": (t3 - t2) * 1000 - times.inference - times.postprocess,
-            "json": (t4 - t3) * 1000,
+            "preprocess": speed["preprocess"],  # parse + decode + letterbox
+            "backbone": speed["inference"],  # includes the uint8 -> float input conversion (to_input)
+            "postprocess": speed["postprocess"],  # the postprocessor call
+            "json": (t2 - t1) * 1000,
         }
-        return (t4 - t0) * 1000, stages
+        return (t2 - t0) * 1000, stages
 
     def u(self, name: str) -> float:
         """``YOLO(weights).predict(path)`` with default settings, as a user runs it."""
@@ -128,7 +129,7 @@ class InProcess:
             feats = list(self.pipeline.backbone(self.pipeline.to_input([pixels])))
         anchors = sum(f.shape[2] * f.shape[3] for f in feats)
         geometry = torch.tensor([params.as_row()], dtype=torch.float32)
-        return feats, geometry, threshold_tensors([Thresholds()], self.pipeline.nc), anchors
+        return feats, geometry, threshold_tensors([self.pipeline.task.default_options()], self.pipeline.nc), anchors
 
     def postprocess_once(self, feats, geometry, thresholds, threads: int | None = None) -> float:
         self._threads(threads)
@@ -151,8 +152,7 @@ def levers(proc: InProcess, name: str, rounds: int, thread_counts: list[int]) ->
     x = proc.l0_inputs[name]
     rect_pixels, _ = letterbox(image, pipe.imgsz, pipe.stride, "rect")
     square_pixels, _ = letterbox(image, pipe.imgsz, pipe.stride, "square")
-    outputs, _ = pipe.infer([pipe.prepare(image)])
-    body = image_json(outputs[0], image.shape[1], image.shape[0], proc.info, {"preprocess": 1.0, "inference": 1.0, "postprocess": 1.0})
+    body = proc.service.predict(data).body
 
     def forward(t: torch.Tensor) -> None:
         with torch.inference_mode():

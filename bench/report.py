@@ -145,7 +145,7 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
                          f"{_f(u['p50'])} / {_f(u['p95'])}", _f(l1["p50"] - l0["p50"]), _f(ratio(l1["p50"], l0["p50"]), 2)])
     lines += _table(["image", "L0/L1 threads", "L0", "L1", f"U ({meta['threads']['U']} thread(s))", "L1 − L0", "L1/L0"], rows)
 
-    stage_names = ["decode", "letterbox", "backbone", "postprocess", "infer_other", "json"]
+    stage_names = ["preprocess", "backbone", "postprocess", "json"]
     lines += ["#### L1 stages (p50 ms; backbone includes the uint8 → float input conversion)", ""]
     rows = []
     for n in threads:

@@ -1,7 +1,7 @@
 """Served measurements: archives for S (our handler) and T (the baseline handler), the HTTP load
 generator, and the server-side CPU and memory figures.
 
-Both servers run through ``export/server.py``'s :func:`running_server` with the shipped
+Both servers run through ``tools/server.py``'s :func:`running_server` with the shipped
 ``config.properties`` (ports, model store and ``load_models`` overridden), so S and T differ only in
 the archive: handler, serialized file and nothing else (same workers, ``batchSize`` and
 ``maxBatchDelay`` from each archive's ``model-config.yaml``).
@@ -20,7 +20,7 @@ import psutil
 import requests
 
 from export.archive import MODEL_CONFIG_FILE, archiver_command, model_config_yaml, stage_handler_code
-from export.server import TorchServe
+from tools.server import TorchServe
 
 BASELINE_HANDLER = Path(__file__).resolve().with_name("baseline_handler.py")
 MAX_BATCH_DELAY_MS = 20  # the archive default (export/archive.py), for S and T alike

@@ -16,10 +16,17 @@ PICKLE_WARNING = (
 )
 
 
+def will_unpickle(weights: str) -> bool:
+    """True when ``weights`` is an existing ``.pt`` file, which loading runs through pickle (a YAML, an
+    image, a missing file or a folder is refused before anything is unpickled)."""
+    path = Path(weights)
+    return path.suffix.lower() == ".pt" and path.is_file()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m export",
-        description="Export an Ultralytics YOLO detect/pose model to a traced backbone (backbone.pt), a scripted "
+        description="Export an Ultralytics YOLO model (detect, pose, segment, OBB, classify) to a traced backbone (backbone.pt), a scripted "
         "postprocessor (postprocess.pt) and metadata.json, then check them against Ultralytics itself.",
     )
     p.add_argument("--weights", required=True, help="Ultralytics .pt checkpoint, or a model .yaml such as yolo26n-pose.yaml (random weights, seeded)")
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.exporter import export_model
     from export.verify import VerificationError
 
-    if not str(args.weights).lower().endswith((".yaml", ".yml")):
+    if will_unpickle(args.weights):
         print(PICKLE_WARNING, file=sys.stderr)
     t0 = time.perf_counter()
     try:
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.archive:
             from export.archive import build_archive
 
-            mar = build_archive(result.out_dir, args.name, args.model_store)
+            mar = build_archive(result.out_dir, args.name, args.model_store, keep_user_config=True)
             result.files.append(mar)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,7 +29,8 @@ from export.backbone import RawHead
 from export.checkpoint import LoadedModel
 from export.verify import VerificationError
 from handler.aoti_backbone import AOTI_MAX_BATCH, AOTI_MAX_SIDE, AOTI_METADATA_KEY
-from handler.pipeline import BACKBONE_FILE, YoloPipeline
+from handler.contract import BACKBONE_FILE
+from handler.pipeline import YoloPipeline
 
 RAW_TOL = 5e-4  # Inductor fuses and reorders differently: raw outputs agree to ~1e-4, not bit for bit
 # "identical detections": same count, classes and order; boxes and keypoints (pixels) and scores within
@@ -116,8 +117,8 @@ def check_parity(
         raise VerificationError(f"AOTInductor check: raw outputs differ by {raw:.2e} > {RAW_TOL:.0e} from backbone.pt")
     worst = 0.0
     for i, image in enumerate(images):
-        ref = reference.infer([reference.prepare(image)])[0][0]
-        got = candidate.infer([candidate.prepare(image)])[0][0]
+        ref = reference.infer([reference.prepare(image)])[0][0].rows
+        got = candidate.infer([candidate.prepare(image)])[0][0].rows
         d = detection_diff(ref, got)
         if d > DETECTION_TOL:
             raise VerificationError(

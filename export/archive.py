@@ -3,8 +3,9 @@
 ``torch-model-archiver --extra-files`` copies the *contents* of a directory into the model
 directory (``handler/`` would come out flattened: ``pipeline.py`` etc. at the top, next to whatever
 else is on ``sys.path``). The handler imports ``from handler.pipeline import ...``, so the archive
-needs a ``handler/`` package inside the model directory. We therefore stage a copy of the package's
-``*.py`` files as ``EXPORT_DIR/code/handler/`` and pass ``EXPORT_DIR/code`` as an extra file.
+needs a ``handler/`` package inside the model directory. We therefore stage a copy of the package
+(its ``.py`` files, subpackages included) as ``EXPORT_DIR/code/handler/`` and pass ``EXPORT_DIR/code``
+as an extra file.
 
 The command, as the README documents it (from the repository root, export in ``exports/yolo``)::
 
@@ -30,13 +31,11 @@ from pathlib import Path
 import handler
 from export.checkpoint import ExportError
 from handler.config import HandlerConfig
-from handler.pipeline import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE
+from handler.contract import BACKBONE_FILE, METADATA_FILE, MODEL_CONFIG_FILE, POSTPROCESS_FILE
 
-MODEL_CONFIG_FILE = "model-config.yaml"
 CODE_DIR = "code"  # EXPORT_DIR/code/handler/ becomes MODEL_DIR/handler/
 HANDLER_DIR = Path(handler.__file__).resolve().parent
 HANDLER_ENTRY = "yolo_handler.py"
-CLIENT_ONLY = {"client.py"}  # dev-side module of the package; the worker does not need it
 
 
 class ArchiveError(ExportError):
@@ -53,44 +52,83 @@ def _yaml_value(value) -> str:
     return str(value)
 
 
-def model_config_yaml(handler_settings: dict | None = None, batch_size: int = 4, max_batch_delay_ms: int = 20) -> str:
-    """The archive's ``model-config.yaml``: TorchServe's worker/batching keys and our ``handler:`` section."""
+# TorchServe's own per-model keys that the archive writes, with their defaults; a user's value wins.
+TORCHSERVE_DEFAULTS: dict[str, object] = {
+    "minWorkers": 1,
+    "maxWorkers": 1,
+    "batchSize": 4,
+    "maxBatchDelay": 20,
+    "responseTimeout": 120,
+}
+_TORCHSERVE_COMMENTS = {
+    "maxBatchDelay": "ms to wait for a batch to fill",
+    "responseTimeout": "s",
+}
+_HANDLER_COMMENTS = {
+    "conf": "default score threshold; a request may override it",
+    "iou": "default NMS IoU threshold; a request may override it",
+    "max_det": "default detections per image; a request may override it",
+    "letterbox": "rect | square; null = the exported default",
+    "imgsz": "int or [h, w], multiples of the max stride; null = the exported size",
+    "half": "FP16 on CUDA; ignored with a warning on CPU",
+    "max_image_pixels": "larger images get HTTP 413; 0 = no limit",
+    "warmup": "forward passes when the worker loads",
+    "torch_threads": "torch.set_num_threads; 0 = auto (on CPU: cores / maxWorkers)",
+}
+
+
+def model_config_yaml(
+    handler_settings: dict | None = None,
+    batch_size: int = 4,
+    max_batch_delay_ms: int = 20,
+    torchserve: dict | None = None,
+    metadata: dict | None = None,
+) -> str:
+    """The archive's ``model-config.yaml``: TorchServe's worker/batching keys and our ``handler:`` section.
+
+    ``torchserve`` holds TorchServe keys that win over the defaults (a user's own file); keys we do not
+    write ourselves are kept as they are. The ``handler:`` section is validated with the worker's own
+    validator (and, given ``metadata``, against the exported model), so a bad value fails here."""
     settings = HandlerConfig.from_dict(handler_settings or {})  # fail here, not in the worker
-    comments = {
-        "conf": "default score threshold; a request may override it",
-        "iou": "default NMS IoU threshold; a request may override it",
-        "max_det": "default detections per image; a request may override it",
-        "letterbox": "rect | square; null = the exported default",
-        "imgsz": "int or [h, w], multiples of the max stride; null = the exported size",
-        "half": "FP16 on CUDA; ignored with a warning on CPU",
-        "max_image_pixels": "larger images get HTTP 413; 0 = no limit",
-        "warmup": "forward passes when the worker loads",
-        "torch_threads": "torch.set_num_threads; 0 = auto (on CPU: cores / maxWorkers)",
-    }
-    lines = [
-        "# TorchServe model settings (https://github.com/pytorch/serve/blob/master/docs/configuration.md)",
-        "minWorkers: 1",
-        "maxWorkers: 1",
-        f"batchSize: {batch_size}",
-        f"maxBatchDelay: {max_batch_delay_ms}  # ms to wait for a batch to fill",
-        "responseTimeout: 120  # s",
-        "# Settings of handler/yolo_handler.py, validated by handler/config.py when the worker loads",
-        "handler:",
-    ]
-    for key, comment in comments.items():
+    if metadata is not None:
+        settings.check_model(metadata)
+    values = {**TORCHSERVE_DEFAULTS, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms, **(torchserve or {})}
+    lines = ["# TorchServe model settings (https://github.com/pytorch/serve/blob/master/docs/configuration.md)"]
+    for key, value in values.items():
+        comment = f"  # {_TORCHSERVE_COMMENTS[key]}" if key in _TORCHSERVE_COMMENTS else ""
+        lines.append(f"{key}: {_yaml_value(value)}{comment}")
+    lines += ["# Settings of handler/yolo_handler.py, validated by handler/config.py when the worker loads", "handler:"]
+    for key, comment in _HANDLER_COMMENTS.items():
         lines.append(f"  {key}: {_yaml_value(getattr(settings, key))}  # {comment}")
     return "\n".join(lines) + "\n"
 
 
+def read_model_config(path: Path) -> tuple[dict, dict | None]:
+    """A user's ``model-config.yaml`` -> (its TorchServe keys, its ``handler:`` section); ``({}, None)`` if absent."""
+    if not path.is_file():
+        return {}, None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ArchiveError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ArchiveError(f"{path} must be a mapping of settings, got {type(data).__name__}")
+    handler_section = data.pop("handler", None)
+    return data, handler_section
+
+
 def stage_handler_code(export_dir: Path) -> Path:
-    """Copy ``handler/*.py`` (less the client) to ``EXPORT_DIR/code/handler/`` (a fresh copy, no ``__pycache__``)."""
+    """Copy the ``handler`` package (its ``.py`` files, subpackages included) to ``EXPORT_DIR/code/handler/``
+    (a fresh copy, no ``__pycache__``). Everything in ``handler/`` is serving code; tools live in ``tools/``."""
     code = export_dir / CODE_DIR
     target = code / "handler"
     if target.exists():
         shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for src in sorted(p for p in HANDLER_DIR.glob("*.py") if p.name not in CLIENT_ONLY):
-        shutil.copy2(src, target / src.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    keep_py = lambda d, names: [n for n in names if not (n.endswith(".py") or (Path(d) / n).is_dir()) or n == "__pycache__"]
+    shutil.copytree(HANDLER_DIR, target, ignore=keep_py)
     return code
 
 
@@ -116,18 +154,35 @@ def archiver_command(export_dir: Path, name: str, model_store: Path) -> list[str
 
 
 def build_archive(
-    export_dir: Path, name: str, model_store: Path, handler_settings: dict | None = None, batch_size: int = 4
+    export_dir: Path,
+    name: str,
+    model_store: Path,
+    handler_settings: dict | None = None,
+    batch_size: int = 4,
+    keep_user_config: bool = False,
 ) -> Path:
     """Write ``model-config.yaml`` into ``export_dir``, stage the handler package, run torch-model-archiver.
 
-    Returns the path of ``model_store/NAME.mar``.
+    ``keep_user_config=True`` (``python -m export --archive``) keeps the values of an existing
+    ``EXPORT_DIR/model-config.yaml`` that the user edited, validated exactly as the worker will validate
+    them; ``handler_settings`` then override its ``handler:`` keys. Returns the path of ``model_store/NAME.mar``.
     """
     export_dir, model_store = Path(export_dir).resolve(), Path(model_store).resolve()
     for f in (METADATA_FILE, POSTPROCESS_FILE, None):
         f = f or backbone_file(export_dir)  # named by metadata.json, so checked after it
         if not (export_dir / f).is_file():
             raise ArchiveError(f"{export_dir / f} not found; run `python -m export` first")
-    (export_dir / MODEL_CONFIG_FILE).write_text(model_config_yaml(handler_settings, batch_size))
+    metadata = json.loads((export_dir / METADATA_FILE).read_text())
+    torchserve: dict = {}
+    if keep_user_config:
+        torchserve, user_handler = read_model_config(export_dir / MODEL_CONFIG_FILE)
+        handler_settings = {**(user_handler or {}), **(handler_settings or {})}
+        batch_size = torchserve.pop("batchSize", batch_size)
+    try:
+        text = model_config_yaml(handler_settings, batch_size, torchserve=torchserve, metadata=metadata)
+    except ValueError as e:
+        raise ArchiveError(f"{export_dir / MODEL_CONFIG_FILE}: {e}") from None
+    (export_dir / MODEL_CONFIG_FILE).write_text(text)
     stage_handler_code(export_dir)
     model_store.mkdir(parents=True, exist_ok=True)
     cmd = archiver_command(export_dir, name, model_store)

@@ -14,14 +14,12 @@ import torch
 
 from export.backbone import trace_backbone
 from export.checkpoint import ExportError, HeadChoice, LoadedModel, load_model
-from export.classify import ClassifyPostprocess
 from export.metadata import build_metadata, to_json
-from export.postprocess import YoloPostprocess
+from export.tasks import EXPORT_TASKS, export_task
 from export import verify
-from handler.aoti_backbone import AOTI_BACKBONE_FILE, AOTI_FORMAT, TORCHSCRIPT_FORMAT
+from handler.contract import AOTI_BACKBONE_FILE, AOTI_FORMAT, BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, TORCHSCRIPT_FORMAT
 from handler.decode import decode_image
-from handler.classify import ClassifyPipeline
-from handler.pipeline import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, YoloPipeline
+from handler.pipeline import YoloPipeline
 
 
 @dataclass
@@ -51,22 +49,9 @@ def _quiet_jit() -> Iterator[None]:
 
 
 def script_postprocessor(loaded: LoadedModel) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` of :class:`YoloPostprocess` (classify: :class:`ClassifyPostprocess`) for ``loaded``."""
+    """``torch.jit.script`` of the task's postprocessor (``export/tasks.py``) for ``loaded``."""
     with _quiet_jit():
-        if loaded.task == "classify":
-            return torch.jit.script(ClassifyPostprocess(loaded.nc))
-        return torch.jit.script(
-            YoloPostprocess(
-                loaded.nc,
-                loaded.reg_max,
-                loaded.strides,
-                loaded.end2end,
-                loaded.kpt_shape or (0, 0),
-                loaded.kpt_decode,
-                loaded.nm,
-                loaded.angle_decode,
-            )
-        )
+        return torch.jit.script(export_task(loaded).postprocessor(loaded))
 
 
 def round_imgsz(imgsz: list[int], stride: int, log: Callable[[str], None]) -> list[int]:
@@ -101,8 +86,10 @@ def export_model(
     steps: list[tuple[str, float]] = []
     with _step(steps, f"load {weights}", log):
         loaded = load_model(weights, head=head, seed=seed)
-    if backbone_format == AOTI_FORMAT and loaded.task == "classify":
-        raise ExportError(f"{weights}: --format aoti serves detect, pose, segment and obb models; export classify models as torchscript")
+    if backbone_format == AOTI_FORMAT and not export_task(loaded).aoti:
+        names = [name for name, t in EXPORT_TASKS.items() if t.aoti]
+        supported = ", ".join(names[:-1]) + " and " + names[-1]
+        raise ExportError(f"{weights}: --format aoti serves {supported} models; export {loaded.task} models as torchscript")
     if imgsz is None:  # what YOLO(weights).predict() uses: the checkpoint's training size, else 640
         default = loaded.predict_imgsz
         imgsz = [default, default] if isinstance(default, int) else list(default)
@@ -138,7 +125,7 @@ def export_model(
 def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> None:
     """Run the three checks of ``export/verify.py`` on the files just written."""
     loaded, steps = result.loaded, result.steps
-    pipeline = (ClassifyPipeline if loaded.task == "classify" else YoloPipeline).from_dir(result.out_dir)
+    pipeline = YoloPipeline.from_dir(result.out_dir)
     compiled = None
     if pipeline.metadata.get("format") == AOTI_FORMAT:  # Ultralytics checks on backbone.pt, then .pt2 == .pt
         from export import aoti
@@ -151,28 +138,8 @@ def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> N
         diff = verify.check_trace(loaded, pipeline.backbone, shapes)
     log(f"    max abs diff {diff:.2e}")
     images = sample_images()
-    if loaded.task == "classify":
-        verify_classify(loaded, pipeline, images, steps, log)
-        return
-    with _step(steps, "check decode == Ultralytics decode+NMS", log):
-        n = [verify.check_decode(loaded, pipeline, decode_image(p.read_bytes())) for p in images]
-    log(f"    {sum(n)} detections compared at a low threshold")
-    if sum(n) == 0:
-        log("    WARNING: nothing to compare (a random-weight segment model may have only empty masks; try another --seed)")
-    with _step(steps, "check pipeline == YOLO.predict", log):
-        n = [verify.check_predict(loaded, pipeline, p) for p in images]
-    log(f"    {', '.join(f'{p.name}: {k}' for p, k in zip(images, n))} detections matched")
+    export_task(loaded).check(loaded, pipeline, images, lambda what: _step(steps, what, log), log)
     if compiled is not None:
         with _step(steps, f"check {AOTI_BACKBONE_FILE} == {BACKBONE_FILE} at {shapes}", log):
             raw, det = aoti.check_parity(pipeline, compiled, [decode_image(p.read_bytes()) for p in images], shapes)
         log(f"    raw outputs max abs diff {raw:.2e}; detections identical (max abs diff {det:.2e})")
-
-
-def verify_classify(loaded: LoadedModel, pipeline: ClassifyPipeline, images: list[Path], steps, log) -> None:
-    """The classify halves of checks 2 and 3: softmax top-k == Ultralytics' head, pipeline == ``results.probs``."""
-    with _step(steps, "check preprocess + softmax == Ultralytics", log):
-        diffs = [verify.check_classify_decode(loaded, pipeline, p) for p in images]
-    log(f"    max |dp| {max(diffs):.2e} over all classes")
-    with _step(steps, "check pipeline == YOLO.predict results.probs", log):
-        diffs = [verify.check_classify_predict(loaded, pipeline, p) for p in images]
-    log(f"    {', '.join(f'{p.name}: top-5 equal, max |dp| {d:.2e}' for p, d in zip(images, diffs))}")

@@ -8,9 +8,9 @@ import json
 import torch
 
 from export.checkpoint import LoadedModel
-from export.postprocess import ANGLE_DECODE_NONE, ANGLE_DECODE_OBB26, CONTRACT_VERSION, KPT_DECODE_POSE26
-from handler.aoti_backbone import AOTI_BACKBONE_FILE, AOTI_FORMAT, TORCHSCRIPT_FORMAT
-from handler.pipeline import BACKBONE_FILE
+from export.tasks import export_task
+from export.postprocess import ANGLE_DECODE_NONE, ANGLE_DECODE_OBB26, KPT_DECODE_POSE26
+from handler.contract import BACKBONE_FILES, CONTRACT_VERSION, METADATA_KEYS, TORCHSCRIPT_FORMAT
 
 
 def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: str, backbone_format: str = TORCHSCRIPT_FORMAT) -> dict:
@@ -20,7 +20,7 @@ def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: 
     ``backbone.pt2``) and ``backbone`` its file; the handler loads whichever they name."""
     import ultralytics
 
-    return {
+    meta = {
         "contract": CONTRACT_VERSION,
         "name": name,
         "task": loaded.task,
@@ -34,23 +34,20 @@ def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: 
         "max_stride": loaded.max_stride,
         "reg_max": loaded.reg_max,
         "end2end": loaded.end2end,
-        "head": _head(loaded),
+        "head": export_task(loaded).head(loaded),
         "head_type": loaded.head_type,
         "imgsz": imgsz,  # [h, w] letterbox target
         # "rect" (minimal padding, as YOLO.predict) or "square"; None for classify, which is resized and
-        # center-cropped instead (handler/preprocess.py picks the transform from the task)
-        "letterbox": None if loaded.task == "classify" else letterbox,
+        # center-cropped instead (handler/tasks/classify.py)
+        "letterbox": letterbox if export_task(loaded).letterbox else None,
         "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__},
         "weights": {"file": loaded.path.name, "sha256": loaded.weights_sha256},
         "format": backbone_format,
-        "backbone": AOTI_BACKBONE_FILE if backbone_format == AOTI_FORMAT else BACKBONE_FILE,
+        "backbone": BACKBONE_FILES[backbone_format],
     }
-
-
-def _head(loaded: LoadedModel) -> str:
-    if loaded.task == "classify":
-        return "Classify (softmax top-k)"
-    return "one2one (NMS-free top-k)" if loaded.end2end else "one2many (NMS)"
+    if list(meta) != list(METADATA_KEYS):  # handler/contract.py is the one list of keys, in this order
+        raise AssertionError(f"metadata keys {list(meta)} differ from handler.contract.METADATA_KEYS")
+    return meta
 
 
 def to_json(metadata: dict) -> str:

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONTRACT_VERSION = 2  # 2: a third output (masks), segment and obb rows
+from handler.contract import CONTRACT_VERSION  # noqa: F401 - the version this contract is (handler/contract.py)
 
 # Keypoint decode formulas (``kpt_decode`` of YoloPostprocess, ``kpt_decode`` in metadata):
 KPT_DECODE_NONE = 0  # detect model

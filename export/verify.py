@@ -27,10 +27,11 @@ from torch import Tensor
 
 from export.backbone import RawHead, raw_network
 from export.checkpoint import LoadedModel, build_yolo
-from handler.classify import ClassifyPipeline, TopK
 from handler.decode import decode_image
 from handler.letterbox import LetterboxParams
-from handler.pipeline import Thresholds, YoloPipeline, threshold_tensors
+from handler.pipeline import YoloPipeline
+from handler.tasks.classify import TopK
+from handler.tasks.detect import Thresholds, threshold_tensors
 
 TRACE_TOL = 1e-4
 
@@ -293,9 +294,9 @@ def ultralytics_predict_with_masks(
 def check_predict(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path) -> int:
     """Served pipeline vs ``YOLO.predict`` on one image file; returns the number of detections."""
     image = decode_image(Path(image_path).read_bytes())
-    rows, masks, _ = pipeline.infer_with_masks([pipeline.prepare(image)])
-    ours = rows[0].numpy()
-    ours_masks = masks[0].numpy() if masks[0] is not None else None
+    out = pipeline.infer([pipeline.prepare(image)])[0][0]
+    ours = out.rows.numpy()
+    ours_masks = out.masks.numpy() if out.masks is not None else None
     ref, ref_masks = ultralytics_predict_with_masks(loaded, image_path, pipeline.imgsz, rect=pipeline.letterbox_mode == "rect")
     tol = Tolerance()
     problems = compare_detections(ours, ref, Thresholds().conf, tol, loaded.task == "obb", ours_masks, ref_masks)
@@ -307,7 +308,7 @@ CLASSIFY_EXACT = 1e-5  # same input tensor, our softmax vs the head's
 CLASSIFY_PROB_TOL = 1e-3  # issue 4: |dp| of the top-5 against results.probs
 
 
-def check_classify_decode(loaded: LoadedModel, pipeline: ClassifyPipeline, image_path: Path) -> float:
+def check_classify_decode(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path) -> float:
     """Our resize + crop vs the predictor's (pixel-exact), then the same input through our backbone +
     softmax top-k and through the eager model's ``Classify`` head (softmax). Returns the max |dp|
     over all classes."""
@@ -335,11 +336,11 @@ def check_classify_decode(loaded: LoadedModel, pipeline: ClassifyPipeline, image
     return diff
 
 
-def check_classify_predict(loaded: LoadedModel, pipeline: ClassifyPipeline, image_path: Path, k: int = 5) -> float:
+def check_classify_predict(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path, k: int = 5) -> float:
     """Served pipeline vs ``YOLO(weights).predict(file).probs``: the top-``k`` class ids in the same
     order and each probability within :data:`CLASSIFY_PROB_TOL`. Returns the max |dp| of the top-k."""
     image = decode_image(Path(image_path).read_bytes())
-    top = pipeline.infer([pipeline.prepare(image, TopK(k))])[0][0]  # [k, 2] (class_id, score)
+    top = pipeline.infer([pipeline.prepare(image, TopK(k))])[0][0].top  # [k, 2] (class_id, score)
     yolo = build_yolo(loaded.source, loaded.path, loaded.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-AOTI_FORMAT = "aoti"
-TORCHSCRIPT_FORMAT = "torchscript"
-AOTI_BACKBONE_FILE = "backbone.pt2"
-AOTI_METADATA_KEY = "metadata.json"  # key of the export metadata in the package's AOTInductor metadata
+from handler.contract import AOTI_BACKBONE_FILE, AOTI_METADATA_KEY  # noqa: F401 - AOTI_BACKBONE_FILE for callers
+
 AOTI_MAX_BATCH = 64  # the dynamic dimensions export/aoti.py compiles for: batch 1..64,
 AOTI_MAX_SIDE = 2048  # H and W from max_stride to 2048 pixels (multiples of max_stride)
 _AOTI_DEVICE_KEY = "AOTI_DEVICE_KEY"  # what AOTInductor itself records: "cpu" or "cuda"

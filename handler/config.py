@@ -99,6 +99,12 @@ class HandlerConfig:
             torch_threads=_integer("torch_threads", get("torch_threads", d.torch_threads), 0, 1024, "0"),
         )
 
+    def check_model(self, metadata: dict) -> None:
+        """The checks of these settings against the exported model (``metadata.json``): the worker runs
+        them when it loads, and ``python -m export --archive`` before it packs, so that an archive whose
+        worker could never load is not built."""
+        self.check_imgsz(int(metadata["max_stride"]))
+
     def check_imgsz(self, max_stride: int) -> None:
         """``imgsz`` must be a multiple of the model's largest stride (the backbone's input grid)."""
         if self.imgsz is not None and any(v % max_stride for v in self.imgsz):

@@ -1,4 +1,4 @@
-"""The image transforms of this project, and the one place that picks one for a model's task.
+"""The image transforms of this project (each task module in ``handler/tasks/`` picks its own).
 
 * detect and pose models: the letterbox of ``handler/letterbox.py`` (the one letterbox, imported here);
 * classify models: :func:`classify_transform`, Ultralytics' classification transform reproduced
@@ -29,10 +29,7 @@ from typing import Callable, Union
 import numpy as np
 from PIL import Image
 
-from handler.letterbox import LETTERBOX_MODES, LetterboxParams, letterbox
-
-CLASSIFY_TASK = "classify"
-
+from handler.letterbox import LetterboxParams
 
 @dataclass(frozen=True)
 class CropParams:
@@ -91,15 +88,3 @@ def classify_transform(image: np.ndarray, imgsz: int | tuple[int, int] | list[in
         pil = pil.resize((p.resized_w, p.resized_h), Image.BILINEAR)
     pil = pil.crop((p.crop_left, p.crop_top, p.crop_left + p.input_w, p.crop_top + p.input_h))
     return np.asarray(pil), p  # [input_h, input_w, 3] BGR
-
-
-def image_transform(
-    task: str, imgsz: int | list[int] | tuple[int, int], stride: int, letterbox_mode: str | None
-) -> ImageTransform:
-    """The transform that serves ``task``: classify -> :func:`classify_transform` at ``imgsz``
-    (``letterbox_mode`` ignored); every other task -> :func:`handler.letterbox.letterbox`."""
-    if task == CLASSIFY_TASK:
-        return lambda image: classify_transform(image, imgsz)
-    if letterbox_mode not in LETTERBOX_MODES:
-        raise ValueError(f"letterbox must be one of {LETTERBOX_MODES}, got {letterbox_mode!r}")
-    return lambda image: letterbox(image, imgsz, stride, letterbox_mode)

@@ -1,33 +1,20 @@
-"""Postprocessor rows -> the JSON body of one served image.
+"""The response body every task shares, and its encoding.
 
 Schema (one object per request)::
 
     {"model": "yolo", "task": "pose", "image": {"width": W, "height": H},
-     "detections": [{"box": [x1, y1, x2, y2], "score": 0.91, "class_id": 0, "class_name": "person",
-                     "keypoints": [[x, y, visibility], ...]}],   # keypoints: pose models only
+     "<results key>": ...,            # "detections" (detect, pose, segment, obb) or "top" (classify)
      "speed_ms": {"preprocess": .., "inference": .., "postprocess": ..}}
 
-Segment models add to each detection ``"mask": {"size": [H, W], "counts": "<COCO RLE string>"}``
-(the instance mask at the original image size, as ``pycocotools.mask.decode`` reads it) and, when the
-request asks ``polygons=true``, ``"polygon": [[x, y], ...]`` (the outline of the mask's largest region).
-OBB models add ``"obb": {"cx", "cy", "w", "h", "angle"}`` (the rotated box; angle in radians) and
-``"corners": [[x, y] x 4]``; their ``"box"`` is the axis-aligned hull of the corners.
-
-Boxes, corners, polygons and keypoints x, y are in original-image pixels (2 decimals); scores,
-visibilities and angles have 4 decimals; detections come sorted by score, highest first, as the
-postprocessor returns them.
+What the results hold is each task's own (``handler/tasks/``). Coordinates are in original-image
+pixels with 2 decimals; scores have 4 decimals.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
-from torch import Tensor
-
-from handler.mask_encoding import encode_rle, mask_polygon
+from typing import Any, Sequence
 
 PIXEL_DECIMALS = 2
 SCORE_DECIMALS = 4
@@ -41,67 +28,33 @@ class ModelInfo:
     name: str
     task: str
     names: Sequence[str]
-    nkpt: int  # 0 for detect models
+    nkpt: int  # 0 for models without keypoints
+
+    @classmethod
+    def from_metadata(cls, meta: dict, name: str | None = None) -> "ModelInfo":
+        """The one place that reads these from ``metadata.json``; ``name`` overrides the exported name
+        (TorchServe's model name)."""
+        kpt_shape = meta.get("kpt_shape")
+        return cls(name=name or meta["name"], task=meta["task"], names=list(meta["names"]), nkpt=kpt_shape[0] if kpt_shape else 0)
 
 
-@dataclass(frozen=True)
-class ResponseOptions:
-    """Per-request choices of what a response carries (not of what is detected)."""
-
-    polygons: bool = False  # segment models: add each mask's outline as "polygon"
-
-
-def _px(v: float) -> float:
+def px(v: float) -> float:
+    """A coordinate in original-image pixels, as the response rounds it."""
     return round(float(v), PIXEL_DECIMALS)
 
 
-def detection_json(
-    row: np.ndarray, info: ModelInfo, mask: np.ndarray | None = None, options: ResponseOptions = ResponseOptions()
-) -> dict:
-    """``row``: one postprocessor row (x1, y1, x2, y2, score, class_id, then the task's columns) ->
-    one detection; ``mask: uint8[H, W]`` the detection's mask at the original size (segment models)."""
-    class_id = int(row[5])
-    det = {
-        "box": [round(float(v), PIXEL_DECIMALS) for v in row[:4]],
-        "score": round(float(row[4]), SCORE_DECIMALS),
-        "class_id": class_id,
-        "class_name": info.names[class_id],
-    }
-    if info.nkpt:
-        kpts = row[6 : 6 + 3 * info.nkpt].reshape(info.nkpt, 3)  # [nkpt, (x, y, visibility)]
-        det["keypoints"] = [
-            [round(float(x), PIXEL_DECIMALS), round(float(y), PIXEL_DECIMALS), round(float(v), SCORE_DECIMALS)]
-            for x, y, v in kpts
-        ]
-    if info.task == "obb":
-        cx, cy, w, h, angle = (float(v) for v in row[6:11])
-        det["obb"] = {"cx": _px(cx), "cy": _px(cy), "w": _px(w), "h": _px(h), "angle": round(angle, SCORE_DECIMALS)}
-        det["corners"] = [[_px(x), _px(y)] for x, y in row[11:19].reshape(4, 2)]
-    if mask is not None:
-        det["mask"] = encode_rle(mask)
-        if options.polygons:
-            det["polygon"] = [[_px(x), _px(y)] for x, y in mask_polygon(mask)]
-    return det
+def score(v: float) -> float:
+    """A score, probability, visibility or angle, as the response rounds it."""
+    return round(float(v), SCORE_DECIMALS)
 
 
-def image_json(
-    detections: Tensor,
-    width: int,
-    height: int,
-    info: ModelInfo,
-    speed_ms: dict[str, float],
-    masks: Tensor | None = None,
-    options: ResponseOptions = ResponseOptions(),
-) -> dict:
-    """``detections: float32[n, ncols]`` (postprocessor rows of one image, CPU) and, for segment models,
-    ``masks: uint8[n, height, width]`` -> response body."""
-    rows = detections.numpy().astype(np.float64)
-    mask_list = list(masks.numpy()) if masks is not None else [None] * len(rows)
+def response_body(info: ModelInfo, width: int, height: int, key: str, results: Any, speed_ms: dict[str, float]) -> dict:
+    """The body of one answered request, keys in schema order."""
     return {
         "model": info.name,
         "task": info.task,
         "image": {"width": int(width), "height": int(height)},
-        "detections": [detection_json(r, info, m, options) for r, m in zip(rows, mask_list)],
+        key: results,
         "speed_ms": {k: round(float(v), MS_DECIMALS) for k, v in speed_ms.items()},
     }
 

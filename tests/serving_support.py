@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+from ts.context import Context, RequestProcessor
 
 # Two forwards of the same image at batch 1 and batch > 1 differ by up to ~1e-4 px on CPU (oneDNN picks
 # other kernels), so a value rounded for the response may move by one unit of its last decimal.
@@ -62,3 +66,31 @@ def build_test_store(export_dir, tmp_path_factory, name: str, handler_settings: 
     store = tmp_path_factory.mktemp(name)
     build_archive(export_dir, "yolo", store, handler_settings=handler_settings)
     return store
+
+
+# ---------------------------------------------------------------- the handler with a fake context
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.recorded: list[tuple[str, float, str]] = []
+
+    def add_time(self, name, value, idx=None, unit="ms", dimensions=None, metric_type=None):
+        self.recorded.append((name, value, unit))
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=None, metric_type=None):
+        self.recorded.append((name, value, unit))
+
+
+def make_context(model_dir: Path, handler_section: dict | None = None) -> Context:
+    ctx = Context("yolo", str(model_dir), {"model": {}}, 4, None, "0.12", model_yaml_config={"handler": handler_section or {"warmup": 1}})
+    ctx.metrics = RecordingMetrics()
+    return ctx
+
+
+def run_batch(handler, ctx: Context, rows: list[dict], content_types: list[str] | None = None):
+    types = content_types or ["image/jpeg"] * len(rows)
+    ctx.request_processor = [RequestProcessor({"body": {"content-type": t}}) for t in types]
+    out = [json.loads(text) for text in handler.handle(rows, ctx)]  # the handler returns JSON text
+    statuses = [rp.get_response_status_code() for rp in ctx.request_processor]
+    return out, statuses

@@ -17,11 +17,11 @@ from export.__main__ import parse_args
 from export.aoti import torchscript_pipeline
 from export.archive import build_archive
 from export.exporter import export_model
-from export.server import running_server
+from tools.server import running_server
 from handler.aoti_backbone import AOTI_BACKBONE_FILE, AOTI_MAX_BATCH, AOTI_MAX_SIDE, AotiBackbone, load_aoti_backbone
 from handler.decode import decode_image
 from handler.pipeline import YoloPipeline, load_artifacts
-from handler.response import ModelInfo, image_json
+from handler.service import YoloService
 from serving_support import assert_same_response, check_schema
 
 RAW_TOL = 5e-4  # issue 6: against TorchScript, <= 5e-4 on raw outputs
@@ -79,17 +79,15 @@ def test_detections_identical_on_test_images(pipelines, sample_images):
     """Same count, classes and order; boxes, keypoints and scores equal at the response's precision."""
     ts, compiled = pipelines
     images = [decode_image(p.read_bytes()) for p in sample_images]
-    ref, _ = ts.infer([ts.prepare(i) for i in images])
-    got, _ = compiled.infer([compiled.prepare(i) for i in images])
-    meta = compiled.metadata
-    info = ModelInfo(meta["name"], meta["task"], compiled.names, meta["kpt_shape"][0])
+    ref = [o.rows for o in ts.infer([ts.prepare(i) for i in images])[0]]
+    got = [o.rows for o in compiled.infer([compiled.prepare(i) for i in images])[0]]
     for path, image, r, g in zip(sample_images, images, ref, got):
         assert len(r) > 0, f"no detections on {path.name}: nothing compared"
         assert torch.equal(r[:, 5], g[:, 5]), f"{path.name}: classes differ"
         diff = float((r - g).abs().max())
         assert diff <= 1e-2, f"{path.name}: detections differ by {diff:.2e}"
-        body = lambda d: image_json(d, image.shape[1], image.shape[0], info, {})  # noqa: E731
-        assert_same_response(body(g), body(r))
+        body = lambda pipeline: YoloService(pipeline).predict(path.read_bytes()).body  # noqa: E731
+        assert_same_response(body(compiled), body(ts))
 
 
 def test_half_wrong_device_and_out_of_bounds_shapes_are_refused(aoti_export):
@@ -118,8 +116,6 @@ def test_archive_holds_the_pt2_instead_of_the_traced_backbone(aoti_export, tmp_p
 def test_torchserve_serves_the_pt2_transparently(aoti_export, pipelines, sample_images, tmp_path):
     """The .mar of an aoti export, a real TorchServe, the same JSON as the TorchScript pipeline."""
     ts, _ = pipelines
-    meta = aoti_export.metadata
-    info = ModelInfo(meta["name"], meta["task"], ts.names, meta["kpt_shape"][0])
     store = build_archive(aoti_export.out_dir, "yolo", tmp_path / "store").parent
     with running_server(store, tmp_path / "torchserve") as server:
         headers = {**server.headers(), "Content-Type": "image/jpeg"}
@@ -128,7 +124,6 @@ def test_torchserve_serves_the_pt2_transparently(aoti_export, pipelines, sample_
             assert r.status_code == 200, r.text
             body = r.json()
             check_schema(body, pose=True)
-            image = decode_image(path.read_bytes())
-            expected = image_json(ts.infer([ts.prepare(image)])[0][0], image.shape[1], image.shape[0], info, {})
+            expected = YoloService(ts).predict(path.read_bytes()).body
             assert len(expected["detections"]) > 0
             assert_same_response(body, expected)

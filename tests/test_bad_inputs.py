@@ -1,6 +1,6 @@
 """Hostile and broken inputs through the handler, in process (a real ``ts.context.Context``, no server).
 
-The cases come from ``export.bad_inputs`` (generated, nothing downloaded). Each bad request shares a
+The cases come from ``tools.bad_inputs`` (generated, nothing downloaded). Each bad request shares a
 batch with valid ones: it must get its own 4xx and JSON error, and the valid ones must get 200 and the
 answer they get alone. Valid images in odd encodings and shapes must give what Ultralytics'
 ``predict`` gives on the same file. The same cases run against a real TorchServe in
@@ -13,11 +13,11 @@ import cv2
 import numpy as np
 import pytest
 
-from export.bad_inputs import BOMB_SIDE, bad_probes, odd_images, odd_sizes, png_bomb
+from tools.bad_inputs import BOMB_SIDE, bad_probes, odd_images, odd_sizes, png_bomb
 from export.verify import Tolerance, compare_detections, ultralytics_predict
-from handler.pipeline import Thresholds
+from handler.tasks.detect import Thresholds
 from serving_support import assert_same_response, check_schema, response_rows
-from test_handler_unit import make_context, run_batch
+from serving_support import make_context, run_batch
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_bad_request_gets_its_4xx_and_its_batch_mates_are_served(handler, bus, s
 
 
 def test_gif_rejection_says_why(handler):
-    from export.bad_inputs import animated_gif
+    from tools.bad_inputs import animated_gif
 
     h, ctx = handler
     (body,), statuses = run_batch(h, ctx, [{"body": bytearray(animated_gif())}], ["image/gif"])

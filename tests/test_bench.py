@@ -181,9 +181,13 @@ def test_tiny_real_l0_l1(pose_export, sample_images):
     proc = InProcess(pipeline, None, images)
     assert proc.l0(images[0].name) > 0
     total, stages = proc.l1(images[0].name)
-    assert set(stages) == {"decode", "letterbox", "backbone", "postprocess", "infer_other", "json"}
-    assert all(v >= 0 for v in stages.values())
-    assert sum(stages.values()) == pytest.approx(total, rel=1e-6)
+    assert set(stages) == {"preprocess", "backbone", "postprocess", "json"}
+    assert all(v > 0 for v in stages.values()), stages  # each stage really measured (none is a remainder)
+    # Timed independently of the total: together at most the total (0.01 ms rounding per stage), and they
+    # account for most of it (the rest is the service's own bookkeeping), so a stage measured twice or
+    # not at all fails here.
+    assert sum(stages.values()) <= total + 0.03
+    assert sum(stages.values()) >= 0.5 * total, (stages, total)
     feats, geometry, thresholds, anchors = proc.postprocess_inputs(images[0].name)
     assert anchors == 8400  # 640x640: 80*80 + 40*40 + 20*20
     assert proc.postprocess_once(feats, geometry, thresholds) > 0

@@ -13,13 +13,15 @@ import torch
 
 from export.classify import ClassifyPostprocess
 from export.verify import CLASSIFY_PROB_TOL, VerificationError, check_classify_decode, check_classify_predict
-from handler.classify import ClassifyPipeline, TopK
 from handler.decode import decode_image
 from handler.errors import InvalidParameter
 from handler.letterbox import letterbox
-from handler.pipeline import Thresholds
-from handler.preprocess import classify_params, classify_transform, image_transform
+from handler.pipeline import YoloPipeline
+from handler.preprocess import classify_params, classify_transform
 from handler.request import parse_request
+from handler.tasks import TASKS, task_for
+from handler.tasks.classify import TopK
+from handler.tasks.detect import Thresholds
 
 CLS_MODELS = ["yolov8n-cls.yaml", "yolo11n-cls.yaml", "yolo26n-cls.yaml"]
 JPEG = b"\xff\xd8\xff\xe0fake"
@@ -57,16 +59,17 @@ def test_classify_params_resize_the_short_side_and_crop_the_centre():
     assert (p.resized_h, p.resized_w, p.crop_top, p.crop_left) == (200, 300, 0, 0)
 
 
-def test_the_preprocessing_module_picks_the_transform_by_task():
+def test_each_task_owns_its_transform():
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    pixels, params = image_transform("classify", [224, 224], 32, None)(image)
+    pixels, params = task_for("classify").transform([224, 224], 32, None)(image)
     assert pixels.shape == (224, 224, 3) and np.array_equal(pixels, classify_transform(image, 224)[0])
-    for task in ("detect", "pose"):
-        pixels, params = image_transform(task, [640, 640], 32, "rect")(image)
+    for name in ("detect", "pose", "segment", "obb"):
+        pixels, params = task_for(name).transform([640, 640], 32, "rect")(image)
         expected, lb = letterbox(image, 640, 32, "rect")
         assert np.array_equal(pixels, expected) and params == lb
     with pytest.raises(ValueError, match="letterbox must be one of"):
-        image_transform("detect", [640, 640], 32, None)
+        task_for("detect").transform([640, 640], 32, None)
+    assert sorted(TASKS) == ["classify", "detect", "obb", "pose", "segment"]
 
 
 # ---------------------------------------------------------------- the scripted postprocessor
@@ -97,17 +100,24 @@ def test_scripted_softmax_topk_matches_a_plain_reference(dtype):
 
 def test_top_k_in_every_form_and_detection_parameters_refused():
     names = [str(i) for i in range(10)]
-    assert parse_request({"body": bytearray(JPEG)}, TopK(), names)[1] == TopK(5)
-    assert parse_request({"body": bytearray(JPEG), "top_k": bytearray(b"3")}, TopK(), names)[1] == TopK(3)
+    cls, det = task_for("classify"), task_for("detect")
+
+    def parse_request_(row, defaults, names):
+        task = cls if isinstance(defaults, TopK) else det
+        parsed = parse_request(row, task, defaults, names)
+        return parsed.image, parsed.options
+
+    assert parse_request_({"body": bytearray(JPEG)}, TopK(), names)[1] == TopK(5)
+    assert parse_request_({"body": bytearray(JPEG), "top_k": bytearray(b"3")}, TopK(), names)[1] == TopK(3)
     body = {"image": base64.b64encode(JPEG).decode(), "top_k": 2}
-    assert parse_request({"body": body}, TopK(), names)[1] == TopK(2)
+    assert parse_request_({"body": body}, TopK(), names)[1] == TopK(2)
     for bad, words in [(b"0", "between 1 and"), (b"2.5", "must be an integer"), (b"x", "must be an integer"), (b"1001", "between 1 and 1000")]:
         with pytest.raises(InvalidParameter, match=words):
-            parse_request({"body": bytearray(JPEG), "top_k": bytearray(bad)}, TopK(), names)
+            parse_request_({"body": bytearray(JPEG), "top_k": bytearray(bad)}, TopK(), names)
     with pytest.raises(InvalidParameter, match=r"\['conf', 'classes'\] filter detections .* parameters are \['top_k'\]"):
-        parse_request({"body": bytearray(JPEG), "conf": bytearray(b"0.5"), "classes": bytearray(b"1")}, TopK(), names)
+        parse_request_({"body": bytearray(JPEG), "conf": bytearray(b"0.5"), "classes": bytearray(b"1")}, TopK(), names)
     with pytest.raises(InvalidParameter, match=r"\['top_k'\] apply to classify models only"):
-        parse_request({"body": bytearray(JPEG), "top_k": bytearray(b"3")}, Thresholds(), names)
+        parse_request_({"body": bytearray(JPEG), "top_k": bytearray(b"3")}, Thresholds(), names)
 
 
 # ---------------------------------------------------------------- export + parity with results.probs
@@ -127,7 +137,7 @@ def test_export_writes_a_classify_artifact(cls_export):
     meta = json.loads((cls_export.out_dir / "metadata.json").read_text())
     assert meta["task"] == "classify" and meta["letterbox"] is None and meta["imgsz"] == [224, 224]
     assert meta["names"] == cls_export.loaded.names and meta["nc"] == len(meta["names"]) == 1000
-    pipeline = ClassifyPipeline.from_dir(cls_export.out_dir)
+    pipeline = YoloPipeline.from_dir(cls_export.out_dir)
     x = torch.rand(3, 3, 160, 288)  # any size: the head pools globally
     (logits,) = pipeline.backbone(x)
     assert logits.shape == (3, 1000)
@@ -135,7 +145,7 @@ def test_export_writes_a_classify_artifact(cls_export):
 
 def test_served_pipeline_matches_results_probs(cls_export, sample_images):
     """Issue 4 parity, measured again here: top-5 order equal and |dp| <= 1e-3 on bus.jpg and zidane.jpg."""
-    pipeline = ClassifyPipeline.from_dir(cls_export.out_dir)
+    pipeline = YoloPipeline.from_dir(cls_export.out_dir)
     for path in sample_images:
         assert check_classify_predict(cls_export.loaded, pipeline, path) <= CLASSIFY_PROB_TOL
         assert check_classify_decode(cls_export.loaded, pipeline, path) <= 1e-5
@@ -144,8 +154,8 @@ def test_served_pipeline_matches_results_probs(cls_export, sample_images):
 def test_the_checks_fail_on_a_wrong_transform_or_another_model(cls_export, sample_images, monkeypatch):
     from dataclasses import replace
 
-    pipeline = ClassifyPipeline.from_dir(cls_export.out_dir)
-    wrong = ClassifyPipeline.from_dir(cls_export.out_dir)
+    pipeline = YoloPipeline.from_dir(cls_export.out_dir)
+    wrong = YoloPipeline.from_dir(cls_export.out_dir)
     wrong.transform = lambda image: letterbox(image, 224, 32, "square")  # same shape, other pixels
     with pytest.raises(VerificationError, match="pixel values differ"):
         check_classify_decode(cls_export.loaded, wrong, sample_images[0])
@@ -168,7 +178,7 @@ def test_default_imgsz_is_what_predict_uses(tmp_path):
 def cls_handler(tmp_path_factory):
     from export.exporter import export_model
     from handler.yolo_handler import YoloHandler
-    from test_handler_unit import make_context
+    from serving_support import make_context
 
     result = export_model("yolo11n-cls.yaml", tmp_path_factory.mktemp("cls_handler"), [224, 224], check=False, log=lambda _: None)
     ctx = make_context(result.out_dir)
@@ -190,7 +200,7 @@ def check_classify_schema(body: dict, k: int, names) -> None:
 
 
 def test_handler_serves_top_k_with_per_item_errors(cls_handler, sample_images):
-    from test_handler_unit import run_batch
+    from serving_support import run_batch
 
     h, ctx, result = cls_handler
     bus, zidane = (p.read_bytes() for p in sample_images)
@@ -203,8 +213,8 @@ def test_handler_serves_top_k_with_per_item_errors(cls_handler, sample_images):
     ]
     out, statuses = run_batch(h, ctx, rows)
     assert statuses == [200, 200, 400, 400, 415]
-    check_classify_schema(out[0], 5, h.pipeline.names)
-    check_classify_schema(out[1], 2, h.pipeline.names)
+    check_classify_schema(out[0], 5, h.service.pipeline.names)
+    check_classify_schema(out[1], 2, h.service.pipeline.names)
     assert out[0]["image"] == {"width": 810, "height": 1080} and "detections" not in out[0]
     assert out[2]["error"]["type"] == "invalid_parameter" and "do not apply to a classify model" in out[2]["error"]["message"]
     assert out[3]["error"]["type"] == "invalid_parameter" and "top_k" in out[3]["error"]["message"]
@@ -220,11 +230,11 @@ def test_handler_serves_top_k_with_per_item_errors(cls_handler, sample_images):
 
 
 def test_handler_result_does_not_depend_on_the_batch(cls_handler, sample_images):
-    from test_handler_unit import run_batch
+    from serving_support import run_batch
 
     h, ctx, _ = cls_handler
     bus = sample_images[0].read_bytes()
-    top_k = bytearray(str(h.pipeline.nc).encode())  # every class: compare the whole distribution
+    top_k = bytearray(str(h.service.pipeline.nc).encode())  # every class: compare the whole distribution
     alone, _ = run_batch(h, ctx, [{"body": bytearray(bus), "top_k": top_k}])
     rows = [{"body": bytearray(sample_images[1].read_bytes())}, {"body": bytearray(bus), "top_k": top_k}]
     batched, statuses = run_batch(h, ctx, rows)
@@ -235,7 +245,7 @@ def test_handler_result_does_not_depend_on_the_batch(cls_handler, sample_images)
 
 
 def test_client_draws_the_top_labels(sample_images):
-    from handler.client import draw
+    from tools.client import draw
 
     image = decode_image(sample_images[0].read_bytes())
     result = {"top": [{"class_id": 3, "class_name": "minibus", "score": 0.61}, {"class_id": 9, "class_name": "cab", "score": 0.2}]}
@@ -249,13 +259,13 @@ def test_client_draws_the_top_labels(sample_images):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("half", [False, True])
 def test_cuda_classify_matches_results_probs(cls_export, sample_images, half):
-    pipeline = ClassifyPipeline.from_dir(cls_export.out_dir, device="cuda:0", half=half)
+    pipeline = YoloPipeline.from_dir(cls_export.out_dir, device="cuda:0", half=half)
     for path in sample_images:
         if not half:
             assert check_classify_predict(cls_export.loaded, pipeline, path) <= CLASSIFY_PROB_TOL
             continue
         # FP16: random-weight probabilities are ~1/nc apart by ~1e-7, so only the values are compared
-        top = pipeline.infer([pipeline.prepare(decode_image(path.read_bytes()), TopK(5))])[0][0]
+        top = pipeline.infer([pipeline.prepare(decode_image(path.read_bytes()), TopK(5))])[0][0].top
         from export.checkpoint import build_yolo
 
         yolo = build_yolo(cls_export.loaded.source, cls_export.loaded.path, cls_export.loaded.seed)

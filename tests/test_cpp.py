@@ -21,8 +21,9 @@ import torch.utils
 
 from handler.decode import decode_image
 from handler.letterbox import letterbox
-from handler.pipeline import Thresholds, YoloPipeline
-from handler.response import ModelInfo, image_json
+from handler.pipeline import YoloPipeline
+from handler.service import YoloService
+from handler.tasks.detect import Thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 CPP_DIR = REPO / "examples" / "cpp"
@@ -108,14 +109,13 @@ def test_cpp_letterbox_is_bit_exact(cpp_binary, pose_export, tmp_path, hw):
 @pytest.mark.parametrize("th", [Thresholds(), Thresholds(conf=0.5, iou=0.5, max_det=3)], ids=["defaults", "conf.5-iou.5-max3"])
 def test_cpp_detections_equal_python_pipeline(cpp_binary, pose_export, sample_images, tmp_path, th):
     pipeline = YoloPipeline.from_dir(pose_export.out_dir)
-    meta = pipeline.metadata
-    nkpt = meta["kpt_shape"][0] if meta["kpt_shape"] else 0
-    info = ModelInfo(meta["name"], meta["task"], pipeline.names, nkpt)
+    service = YoloService(pipeline)
+    nkpt = service.info.nkpt
     args = ["--conf", str(th.conf), "--iou", str(th.iou), "--max-det", str(th.max_det)]
     for path in sample_images:
         image = decode_image(path.read_bytes())
         ppm = write_ppm(tmp_path / f"{path.stem}.ppm", image)
-        expected = pipeline.infer([pipeline.prepare(image, th)])[0][0].numpy().astype(np.float64)
+        expected = pipeline.infer([pipeline.prepare(image, th)])[0][0].rows.numpy().astype(np.float64)
         assert len(expected) > 0, f"no detections on {path.name}: the comparison would prove nothing"
 
         precise = rows_of(run_cpp(cpp_binary, pose_export.out_dir, ppm, *args, "--precise"), nkpt)
@@ -126,7 +126,9 @@ def test_cpp_detections_equal_python_pipeline(cpp_binary, pose_export, sample_im
 
         # the default output is the handler's JSON body: same keys and values at the response's precision
         body = run_cpp(cpp_binary, pose_export.out_dir, ppm, *args)
-        reference = image_json(torch.from_numpy(expected.astype(np.float32)), image.shape[1], image.shape[0], info, {})
+        answer = service.predict(path.read_bytes(), conf=th.conf, iou=th.iou, max_det=th.max_det)  # the handler's path
+        assert answer.status == 200, answer.body
+        reference = answer.body
         assert set(body["speed_ms"]) == {"preprocess", "inference", "postprocess"}
         body.pop("speed_ms"), reference.pop("speed_ms")
         assert {k: v for k, v in body.items() if k != "detections"} == {k: v for k, v in reference.items() if k != "detections"}

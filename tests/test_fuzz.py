@@ -18,9 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handler.errors import RequestError
-from handler.pipeline import Thresholds
+from handler.tasks import task_for
+from handler.tasks.detect import Thresholds
 from handler.request import IMAGE_FIELDS, PARAMETERS, ROUTING_KEYS, parse_request
-from test_handler_unit import make_context
+from serving_support import make_context
 
 NAMES = ["person", "bicycle", "car"]
 MAX_PIXELS = 1_000_000  # the fuzzed handler's limit: keeps decodes of mutated headers small and fast
@@ -55,7 +56,8 @@ content_types = st.sampled_from([None, "application/json", "image/jpeg", "applic
 @given(row=rows, content_type=content_types)
 def test_fuzz_parse_request_only_raises_4xx(row, content_type):
     try:
-        image, thresholds = parse_request(row, Thresholds(), NAMES, content_type)
+        parsed = parse_request(row, task_for("pose"), Thresholds(), NAMES, content_type)
+        image, thresholds = parsed.image, parsed.options
     except RequestError as e:
         assert 400 <= e.status < 500 and e.message
         return
@@ -130,11 +132,11 @@ def test_fuzz_decode_path_only_raises_4xx(fuzz_handler, data, form):
 
     row = {"raw": {"body": bytearray(data)}, "multipart": {"image": bytearray(data)}, "json": {"body": {"image": base64.b64encode(data).decode()}}}[form]
     try:
-        prepared, (h, w), _options = fuzz_handler._prepare(row, "application/json" if form == "json" else "application/octet-stream")
+        item = fuzz_handler.service.prepare(row, "application/json" if form == "json" else "application/octet-stream")
     except RequestError as e:
         assert 400 <= e.status < 500 and e.message
         return
-    assert 1 <= h * w <= MAX_PIXELS
-    pixels = prepared.pixels
+    assert 1 <= item.height * item.width <= MAX_PIXELS
+    pixels = item.prepared.pixels
     assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
-    assert pixels.shape[0] % fuzz_handler.pipeline.stride == 0 and pixels.shape[1] % fuzz_handler.pipeline.stride == 0
+    assert pixels.shape[0] % fuzz_handler.service.pipeline.stride == 0 and pixels.shape[1] % fuzz_handler.service.pipeline.stride == 0

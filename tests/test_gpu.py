@@ -21,7 +21,7 @@ def test_cuda_pipeline_matches_predict(pose_export, sample_images, half):
     tol = verify.Tolerance(min_iou=0.98 if half else 0.99, score=0.01 if half else 0.005, keypoint_px=1.0 if half else 0.5)
     for path in sample_images:
         image = decode_image(path.read_bytes())
-        ours = pipeline.infer([pipeline.prepare(image)])[0][0].numpy()
+        ours = pipeline.infer([pipeline.prepare(image)])[0][0].rows.numpy()
         ref = verify.ultralytics_predict(pose_export.loaded, path, pipeline.imgsz)
         assert not verify.compare_detections(ours, ref, 0.25, tol)
         assert len(ours) > 0

@@ -15,10 +15,11 @@ import pytest
 
 from handler.config import HandlerConfig
 from handler.errors import InvalidImage, InvalidParameter, RequestError, UnsupportedMediaType
-from handler.pipeline import Thresholds
 from handler.request import parse_request
-from serving_support import assert_same_response, check_schema
-from ts.context import Context, RequestProcessor
+from handler.tasks import task_for
+from handler.tasks.detect import Thresholds
+from serving_support import assert_same_response, check_schema, make_context, run_batch
+from ts.context import RequestProcessor
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
 COCO_NAMES = ["person", "bicycle", "car"]
@@ -29,7 +30,9 @@ JPEG = b"\xff\xd8\xff\xe0fake"
 
 
 def parse(row, content_type=None, names=COCO_NAMES):
-    return parse_request(row, Thresholds(), names, content_type)
+    """(image bytes, thresholds) of a pose model's request row."""
+    parsed = parse_request(row, task_for("pose"), Thresholds(), names, content_type)
+    return parsed.image, parsed.options
 
 
 @pytest.mark.parametrize("key", ["body", "image", "data", "file"])
@@ -137,7 +140,7 @@ def test_config_imgsz_must_be_a_stride_multiple():
 
 
 def test_handler_package_imports_neither_ultralytics_nor_export():
-    for path in HANDLER_DIR.glob("*.py"):
+    for path in HANDLER_DIR.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
@@ -146,31 +149,6 @@ def test_handler_package_imports_neither_ultralytics_nor_export():
 
 
 # ---------------------------------------------------------------- the handler with a fake context
-
-
-class RecordingMetrics:
-    def __init__(self):
-        self.recorded: list[tuple[str, float, str]] = []
-
-    def add_time(self, name, value, idx=None, unit="ms", dimensions=None, metric_type=None):
-        self.recorded.append((name, value, unit))
-
-    def add_metric(self, name, value, unit, idx=None, dimensions=None, metric_type=None):
-        self.recorded.append((name, value, unit))
-
-
-def make_context(model_dir: Path, handler_section: dict | None = None) -> Context:
-    ctx = Context("yolo", str(model_dir), {"model": {}}, 4, None, "0.12", model_yaml_config={"handler": handler_section or {"warmup": 1}})
-    ctx.metrics = RecordingMetrics()
-    return ctx
-
-
-def run_batch(handler, ctx: Context, rows: list[dict], content_types: list[str] | None = None):
-    types = content_types or ["image/jpeg"] * len(rows)
-    ctx.request_processor = [RequestProcessor({"body": {"content-type": t}}) for t in types]
-    out = [json.loads(text) for text in handler.handle(rows, ctx)]  # the handler returns JSON text
-    statuses = [rp.get_response_status_code() for rp in ctx.request_processor]
-    return out, statuses
 
 
 @pytest.fixture(scope="module")
@@ -238,15 +216,15 @@ def test_bad_items_get_their_own_4xx_and_the_rest_still_run(pose_handler, images
 
 def test_an_unexpected_error_fails_only_its_own_request(pose_handler, images, monkeypatch, caplog):
     h, ctx = pose_handler
-    original = h.pipeline.prepare
+    original = h.service.pipeline.prepare
 
     def prepare(image, thresholds):
         if image.shape[1] == 1280:  # zidane
             raise RuntimeError("simulated bug")
         return original(image, thresholds)
 
-    monkeypatch.setattr(h.pipeline, "prepare", prepare)
-    with caplog.at_level(logging.ERROR, logger="handler.yolo_handler"):
+    monkeypatch.setattr(h.service.pipeline, "prepare", prepare)
+    with caplog.at_level(logging.ERROR, logger="handler.service"):
         out, statuses = run_batch(h, ctx, [{"body": bytearray(images["zidane"])}, {"body": bytearray(images["bus"])}])
     assert statuses == [500, 200]
     assert out[0] == {"error": {"type": "internal_error", "message": "unexpected error while reading the request"}}
@@ -299,16 +277,16 @@ def test_keypoints_only_for_pose(detect_export, images):
     assert len(body["detections"]) == 5  # random weights, conf 0: top 5 of all candidates
     check_schema(body, pose=False)
     assert all("keypoints" not in d for d in body["detections"])
-    assert body["detections"][0]["class_name"] == h.pipeline.names[body["detections"][0]["class_id"]]
+    assert body["detections"][0]["class_name"] == h.service.pipeline.names[body["detections"][0]["class_id"]]
 
 
 def test_half_on_cpu_is_ignored_with_a_warning(pose_export, caplog):
     from handler.yolo_handler import YoloHandler
 
     h = YoloHandler()
-    with caplog.at_level(logging.WARNING, logger="handler.yolo_handler"):
+    with caplog.at_level(logging.WARNING, logger="handler.service"):
         h.initialize(make_context(pose_export.out_dir, {"warmup": 0, "half": True}))
-    assert h.pipeline.half is False
+    assert h.service.pipeline.half is False
     assert "FP16 is CUDA-only" in caplog.text
 
 

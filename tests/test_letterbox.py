@@ -43,12 +43,28 @@ def test_params_match_ultralytics_get_params():
 
 
 def test_geometry_row_inverts_the_placement():
-    p = letterbox_params((1080, 810), 640, 32, "rect")
-    pad_left, pad_top, gx, gy, w0, h0 = p.as_row()
-    assert (w0, h0) == (810, 1080)
-    # the far corner of the original image lands on the far corner of the resized area
-    assert 810 * gx + pad_left == pytest.approx(pad_left + p.resized_w)
-    assert 1080 * gy + pad_top == pytest.approx(pad_top + p.resized_h)
+    """A hand-computed case whose gains differ per axis and whose padding is on one axis only, so that
+    swapping gain_x/gain_y or the pads fails: 481x641 (h x w) into a 640 square.
+
+    r = min(640/481, 640/641); resized w = round(641 r) = 640, h = round(481 r) = round(480.25) = 480;
+    dh = 640 - 480 = 160 -> top = round(80 - 0.1) = 80; dw = 0 -> left = 0."""
+    p = letterbox_params((481, 641), 640, 32, "square")
+    assert (p.resized_h, p.resized_w, p.pad_top, p.pad_left, p.input_h, p.input_w) == (480, 640, 80, 0, 640, 640)
+    assert p.as_row() == pytest.approx([0.0, 80.0, 640 / 641, 480 / 481, 641.0, 481.0])
+
+
+def test_geometry_row_agrees_with_ultralytics_scale_boxes():
+    """Input-space boxes mapped back with our row equal Ultralytics' ``scale_boxes`` from the shapes alone."""
+    import torch
+    from ultralytics.utils.ops import scale_boxes
+
+    for (h, w), mode in [((481, 641), "square"), ((720, 1280), "rect"), ((1080, 810), "rect"), ((333, 999), "square")]:
+        p = letterbox_params((h, w), 640, 32, mode)
+        pad_left, pad_top, gx, gy, w0, h0 = p.as_row()
+        boxes = torch.tensor([[pad_left + 3.0, pad_top + 5.0, pad_left + p.resized_w - 7.0, pad_top + p.resized_h - 2.0]])
+        ours = (boxes - torch.tensor([pad_left, pad_top, pad_left, pad_top])) / torch.tensor([gx, gy, gx, gy])
+        theirs = scale_boxes((p.input_h, p.input_w), boxes.clone(), (h, w))
+        assert torch.allclose(ours, theirs, atol=0.02), (h, w, mode, ours.tolist(), theirs.tolist())
 
 
 @pytest.mark.parametrize("bad", [(0, 10), (10, 0)])

@@ -1,6 +1,6 @@
 """A real TorchServe under hostile input, sustained load, a SIGKILLed worker and a restart.
 
-The short CI versions of ``python -m export.loadtest`` (whose full run gives docs/reliability.md its
+The short CI versions of ``python -m bench.loadtest`` (whose full run gives docs/reliability.md its
 figures). The server runs the archive with ``torch_threads: 1``: the CI machine is small and shared,
 and two spinning OpenMP threads per forward slow everything down when other processes hold the cores.
 """
@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from export.bad_inputs import bad_probes
-from export.loadtest import (
+from tools.bad_inputs import bad_probes
+from bench.loadtest import (
     RESPONSE_TIMEOUT_S, build_mix, check_answer, kill_worker_under_load, load_test, mixed_batch_count, restart, valid_probes,
 )
-from export.server import running_server
+from tools.server import running_server
 from serving_support import build_test_store
 
 pytestmark = pytest.mark.integration

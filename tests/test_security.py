@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from export.server import REPO_CONFIG, TorchServe, running_server
-from handler.client import is_token_rejected, predict_with_key_file, renew_token
+from tools.server import REPO_CONFIG, TorchServe, running_server
+from tools.client import is_token_rejected, predict_with_key_file, renew_token
 from serving_support import build_test_store
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
@@ -66,7 +66,7 @@ def test_request_and_response_size_limits_are_set():
 
 def test_handler_code_never_calls_an_unpickler():
     forbidden = {"pickle", "cPickle", "_pickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"}
-    for path in HANDLER_DIR.glob("*.py"):
+    for path in HANDLER_DIR.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -81,7 +81,7 @@ def test_worker_loads_and_serves_with_every_unpickler_broken(pose_export, sample
     import torch
 
     from handler.yolo_handler import YoloHandler
-    from test_handler_unit import make_context, run_batch
+    from serving_support import make_context, run_batch
 
     calls = []
 
@@ -115,6 +115,12 @@ def test_export_warns_that_a_pt_checkpoint_is_unpickled(tmp_path, capsys):
     assert "runs Python pickle" in err and "only weights you trust" in err
     assert main(["--weights", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "pickle" not in capsys.readouterr().err  # a .yaml builds a model; nothing is unpickled
+    image = tmp_path / "bus.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint")
+    for weights in (image, tmp_path / "missing.pt", tmp_path):  # refused before anything is unpickled
+        assert main(["--weights", str(weights), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "pickle" not in err and "error:" in err, (weights, err)
 
 
 # ---------------------------------------------------------------- a real TorchServe: tokens and the model API

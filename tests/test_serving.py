@@ -23,9 +23,9 @@ import pytest
 import requests
 
 from export.archive import build_archive
-from export.server import REPO_ROOT, prometheus_metric_names, running_server
+from tools.server import REPO_ROOT, prometheus_metric_names, running_server
 from export.verify import Tolerance, compare_detections, ultralytics_predict
-from handler.pipeline import Thresholds
+from handler.tasks.detect import Thresholds
 from serving_support import assert_same_response, check_schema, response_rows
 
 pytestmark = pytest.mark.integration

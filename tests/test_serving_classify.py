@@ -9,7 +9,7 @@ import pytest
 
 from export.archive import build_archive
 from export.checkpoint import build_yolo
-from export.server import running_server
+from tools.server import running_server
 from export.verify import CLASSIFY_PROB_TOL
 
 pytestmark = pytest.mark.integration

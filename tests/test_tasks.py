@@ -20,14 +20,16 @@ import torch
 from export import verify
 from export.archive import build_archive
 from export.exporter import export_model
-from export.server import REPO_ROOT, running_server
-from handler.client import decode_rle, draw
+from tools.server import REPO_ROOT, running_server
+from tools.client import decode_rle, draw
 from handler.decode import decode_image
 from handler.errors import InvalidParameter
 from handler.mask_encoding import encode_rle, mask_polygon, rle_counts
-from handler.pipeline import Thresholds, YoloPipeline
-from handler.request import parse_served_request
-from test_handler_unit import make_context
+from handler.pipeline import YoloPipeline
+from handler.request import parse_request
+from handler.tasks import task_for
+from handler.tasks.detect import Thresholds
+from serving_support import make_context
 from ts.context import Context, RequestProcessor
 
 mask_api = pytest.importorskip("pycocotools.mask", reason="pycocotools (the test extra) proves RLE compatibility")
@@ -86,16 +88,16 @@ def test_polygon_outlines_the_largest_region():
 
 @pytest.mark.parametrize("value, expected", [(b"true", True), (b"1", True), (b"false", False), (b"0", False)])
 def test_polygons_parameter(value, expected):
-    _, t, options = parse_served_request({"body": bytearray(b"img"), "polygons": bytearray(value)}, Thresholds(), ["a"])
-    assert options.polygons is expected and t == Thresholds()
-    _, _, options = parse_served_request({"body": {"image": "aW1n", "polygons": expected}}, Thresholds(), ["a"])
-    assert options.polygons is expected
+    parsed = parse_request({"body": bytearray(b"img"), "polygons": bytearray(value)}, task_for("segment"), Thresholds(), ["a"])
+    assert parsed.response.polygons is expected and parsed.options == Thresholds()
+    parsed = parse_request({"body": {"image": "aW1n", "polygons": expected}}, task_for("segment"), Thresholds(), ["a"])
+    assert parsed.response.polygons is expected
 
 
 @pytest.mark.parametrize("row", [{"body": bytearray(b"img"), "polygons": bytearray(b"yes")}, {"body": {"image": "aW1n", "polygons": 2}}])
 def test_bad_polygons_parameter_is_rejected(row):
     with pytest.raises(InvalidParameter, match="polygons must be true or false"):
-        parse_served_request(row, Thresholds(), ["a"])
+        parse_request(row, task_for("segment"), Thresholds(), ["a"])
 
 
 # ---------------------------------------------------------------- exported models
@@ -135,10 +137,10 @@ def test_segment_handler_masks_are_the_pipelines(seg_export, sample_images):
     rows = [{"body": bytearray(data), "conf": str(conf).encode(), "polygons": bytearray(b"true")}, {"body": bytearray(data), "conf": str(conf).encode()}]
     (with_poly, plain), _ = handle(seg_export, rows)
     pipeline = YoloPipeline.from_dir(seg_export.out_dir)
-    dets, masks, _ = pipeline.infer_with_masks([pipeline.prepare(image, Thresholds(conf=conf))])
-    assert len(with_poly["detections"]) == len(dets[0]) > 0
+    out = pipeline.infer([pipeline.prepare(image, Thresholds(conf=conf))])[0][0]
+    assert len(with_poly["detections"]) == len(out.rows) > 0
     h, w = image.shape[:2]
-    for det, mask in zip(with_poly["detections"], masks[0].numpy()):
+    for det, mask in zip(with_poly["detections"], out.masks.numpy()):
         assert set(det) == {"box", "score", "class_id", "class_name", "mask", "polygon"}
         assert det["mask"]["size"] == [h, w]
         assert np.array_equal(mask_api.decode({"size": [h, w], "counts": det["mask"]["counts"].encode()}), mask)

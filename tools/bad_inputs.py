@@ -4,7 +4,7 @@ One :class:`Probe` is one HTTP request to ``/predictions/NAME``: a raw body with
 JSON body, or a multipart form. :meth:`Probe.send` sends it over HTTP; :meth:`Probe.row` gives the
 request row TorchServe 0.12 hands to ``handle()`` for the same request (see ``handler/request.py``),
 so the same cases drive the in-process handler tests, the real-TorchServe tests and the load test
-(``python -m export.loadtest``).
+(``python -m bench.loadtest``).
 
 Dev side only (tests and the load test); the handler never imports this.
 """

@@ -1,8 +1,11 @@
-"""Start and stop a real TorchServe for the tests and the demo (dev side; not part of the archive).
+"""Start and stop a real TorchServe: the launcher of ``yolo-ts-serve`` (``tools/serve.py``), the demo,
+the tests and the benchmark. Not part of the archive.
 
-Each server gets free loopback ports, its own ``TMPDIR`` (TorchServe keeps its PID file there, so
-two servers never see each other) and its own working directory (``key_file.json``, ``logs/``,
-``launcher.log``). Readiness comes from the management API: ``GET /models/NAME`` until a worker is
+Each server gets its own ``TMPDIR`` (TorchServe keeps its PID file there, so two servers never see
+each other) and ``TEMP`` (the worker's Unix socket, ``$TEMP/.ts.sock.9000``, would collide otherwise),
+its own working directory (``key_file.json``, ``logs/``, ``launcher.log``) and ports that are checked to
+be free before TorchServe starts: a second ``torchserve --start`` on busy ports fails, but only after it
+has rewritten ``key_file.json``, which locks clients out of the server that holds the ports. Readiness comes from the management API: ``GET /models/NAME`` until a worker is
 ``READY`` (``/ping`` answers before the model has loaded). :meth:`TorchServe.stop` runs
 ``torchserve --stop`` with the same ``TMPDIR``, then ends, by PID, only the processes this server
 started (the Java frontend and its workers) if any are still alive.
@@ -53,6 +56,49 @@ class ServerError(RuntimeError):
     """TorchServe did not start, or its model did not become READY in time."""
 
 
+PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+_ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+_DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070, "grpc_management": 7071}
+
+
+def read_properties(text: str) -> dict[str, str]:
+    """``key=value`` lines of a config.properties (comments and blank lines skipped)."""
+    props = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def configured_ports(text: str) -> dict[str, tuple[str, int]]:
+    """The ``(host, port)`` each TorchServe API of this config.properties binds (TorchServe's defaults
+    where a key is missing)."""
+    props = read_properties(text)
+    out = {}
+    for name, key in _ADDRESS_KEYS.items():
+        address = props.get(key, f"http://127.0.0.1:{_DEFAULT_PORTS[name]}")
+        host_port = address.split("://", 1)[-1].rstrip("/")
+        host, _, port = host_port.rpartition(":")
+        out[name] = (host or "127.0.0.1", int(port))
+    for name in ("grpc_inference", "grpc_management"):
+        out[name] = (props.get(f"{name}_address", "127.0.0.1"), int(props.get(f"{name}_port", _DEFAULT_PORTS[name])))
+    return out
+
+
+def busy_ports(ports: dict[str, tuple[str, int]]) -> list[str]:
+    """The APIs whose address cannot be bound now, as ``"inference 127.0.0.1:8080"``."""
+    busy = []
+    for name, (host, port) in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(f"{name} {host}:{port}")
+    return busy
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free loopback ports (all held open while choosing, so none repeats)."""
     socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
@@ -67,7 +113,7 @@ def free_ports(n: int) -> list[int]:
 
 def server_properties(base: Path, ports: dict[str, int], model_store: Path, load_models: str) -> str:
     """``base`` config.properties with the HTTP addresses, gRPC ports, model_store and load_models replaced."""
-    replace = {
+    return server_properties_text(base.read_text(), {
         "inference_address": f"http://127.0.0.1:{ports['inference']}",
         "management_address": f"http://127.0.0.1:{ports['management']}",
         "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
@@ -75,9 +121,14 @@ def server_properties(base: Path, ports: dict[str, int], model_store: Path, load
         "grpc_management_port": str(ports["grpc_management"]),
         "model_store": str(model_store),
         "load_models": load_models,
-    }
+    })
+
+
+def server_properties_text(text: str, replace: dict[str, str]) -> str:
+    """config.properties ``text`` with the values of ``replace`` set (kept in place, or appended)."""
+    replace = dict(replace)
     lines = []
-    for line in base.read_text().splitlines():
+    for line in text.splitlines():
         key = line.split("=", 1)[0].strip()
         if not line.lstrip().startswith("#") and "=" in line and key in replace:
             line = f"{key}={replace.pop(key)}"
@@ -96,6 +147,7 @@ class TorchServe:
     ports: dict[str, int]
     env: dict[str, str]
     pids: set[int] = field(default_factory=set)  # processes this server started (frontend + workers)
+    log_start: int = 0  # bytes of logs/model_log.log written before this server started (a reused workdir)
 
     @property
     def inference_url(self) -> str:
@@ -127,7 +179,11 @@ class TorchServe:
     def model_log(self) -> str:
         """The workers' log (``logs/model_log.log``): everything the handler logs."""
         path = self.workdir / "logs" / "model_log.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        if not path.exists():
+            return ""
+        with open(path, "rb") as f:
+            f.seek(self.log_start if path.stat().st_size >= self.log_start else 0)  # rotated: read it whole
+            return f.read().decode(errors="replace")
 
     def describe_model(self) -> list[dict]:
         r = requests.get(f"{self.management_url}/models/{self.model}", headers=self.headers("management"), timeout=10)
@@ -204,6 +260,24 @@ class TorchServe:
         psutil.wait_procs(alive, timeout=10)
 
 
+def server_env(workdir: Path, tmpdir: Path) -> dict[str, str]:
+    """The environment of a TorchServe of ``workdir``: its own TMPDIR (PID file) and TEMP (worker socket)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}
+    env.update(TMPDIR=str(tmpdir), TEMP=str(tmpdir), LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
+    return env
+
+
+def attach(workdir: Path, model: str = "yolo") -> TorchServe:
+    """The TorchServe started earlier from ``workdir`` (by :func:`start_server`), to stop or query it."""
+    workdir = Path(workdir).resolve()
+    props = workdir / "config.properties"
+    if not props.is_file():
+        raise ServerError(f"{props} not found: no server was started from {workdir} with yolo-ts-serve")
+    ports = {name: port for name, (_, port) in configured_ports(props.read_text()).items()}
+    tmpdir = workdir / "tmp"
+    return TorchServe(workdir, tmpdir, model, ports, server_env(workdir, tmpdir))
+
+
 def _torchserve() -> str:
     exe = Path(sys.executable).with_name("torchserve")
     return str(exe) if exe.exists() else "torchserve"
@@ -216,27 +290,46 @@ def start_server(
     config: Path = REPO_CONFIG,
     block_ultralytics: bool = False,
     timeout: float = 180.0,
+    keep_ports: bool = False,
 ) -> TorchServe:
     """Start TorchServe serving ``model_store/MODEL.mar`` as ``MODEL`` and wait until it is READY.
+
+    ``keep_ports=False`` (tests, demo, benchmark) serves on free loopback ports; ``keep_ports=True``
+    (``yolo-ts-serve``) keeps the addresses of ``config`` (and its ``model_store`` when ``model_store``
+    is None). Either way the ports are checked first, and :class:`ServerError` says which are busy.
 
     ``block_ultralytics=True`` puts a ``sitecustomize.py`` on the server's ``PYTHONPATH`` that makes
     any ``import ultralytics`` raise ImportError, in the frontend's Python launcher and in the workers.
     """
     workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    props = workdir / "config.properties"
+    if keep_ports:  # the config's own addresses (yolo-ts-serve)
+        text = Path(config).read_text()
+        if model_store is not None:
+            text = server_properties_text(text, {"model_store": str(Path(model_store).resolve()), "load_models": f"{model}.mar"})
+        ports = {name: port for name, (_, port) in configured_ports(text).items()}
+    else:  # free loopback ports (tests, demo, benchmark)
+        ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+        text = server_properties(Path(config), ports, Path(model_store).resolve(), f"{model}.mar")
+    busy = busy_ports(configured_ports(text))
+    if busy:  # before TorchServe starts: a failed `torchserve --start` still rewrites key_file.json
+        raise ServerError(
+            f"port(s) already in use: {', '.join(busy)}; another TorchServe (or another program) holds them. "
+            "Not starting, so that the running server's key_file.json stays valid. Stop that server "
+            "(`yolo-ts-serve --stop --workdir DIR`, or `torchserve --stop` with its TMPDIR), or choose other ports in the config"
+        )
+    props.write_text(text)
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
-    names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
-    ports = dict(zip(names, free_ports(len(names))))
-    props = workdir / "config.properties"
-    props.write_text(server_properties(Path(config), ports, Path(model_store).resolve(), f"{model}.mar"))
-    env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}
-    env.update(TMPDIR=str(tmpdir), TEMP=str(tmpdir), LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
+    env = server_env(workdir, tmpdir)
     if block_ultralytics:
         blocker = workdir / "no_ultralytics"
         blocker.mkdir(exist_ok=True)
         (blocker / "sitecustomize.py").write_text(_ULTRALYTICS_BLOCKER)
         env["PYTHONPATH"] = str(blocker)
-    server = TorchServe(workdir, tmpdir, model, ports, env)
+    model_log = workdir / "logs" / "model_log.log"
+    server = TorchServe(workdir, tmpdir, model, ports, env, log_start=model_log.stat().st_size if model_log.exists() else 0)
     with open(workdir / "launcher.log", "ab") as log:  # a file, not a pipe: a full pipe can hang the launcher
         launcher = subprocess.Popen(
             [_torchserve(), "--start", "--ncs", "--ts-config", str(props)],

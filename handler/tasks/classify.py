@@ -1,0 +1,87 @@
+"""Image classification: resized + cropped image -> logits -> softmax top-k -> ``"top"``.
+
+Request parameter: ``top_k`` (1..1000; above ``nc`` all classes). Transform: Ultralytics' resize +
+center crop (:func:`handler.preprocess.classify_transform`). Postprocessor:
+:class:`export.classify.ClassifyPostprocess` (inputs ``feats, top_k``; outputs ``scores, class_ids,
+counts``; contract in ``export/classify.py``).
+
+Results, ``"top"``, highest score first::
+
+    [{"class_id": 0, "class_name": "tench", "score": 0.8123}, ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from handler import params as p
+from handler.errors import InvalidParameter
+from handler.preprocess import classify_transform
+from handler.response import ModelInfo, score
+from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task
+
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 1000  # above nc the postprocessor returns all nc classes
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Per-request option of a classify model: how many of the best classes to return."""
+
+    top_k: int = DEFAULT_TOP_K
+
+    def validate(self, nc: int) -> "TopK":
+        """Raise ``ValueError`` naming the bad value; return self when it is in range."""
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an integer between 1 and {MAX_TOP_K}, got {self.top_k!r}")
+        return self
+
+
+@dataclass
+class TopClasses:
+    """One image's best classes on CPU: ``top: float32[k, 2]`` rows ``(class_id, score)``, highest first."""
+
+    top: Tensor
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    parameters = ("top_k",)
+    foreign = "filter detections and do not apply to a classify model"
+    results_key = "top"
+
+    def default_options(self, config: Any = None) -> TopK:
+        return TopK()
+
+    def options(self, params: dict[str, Any], defaults: TopK, names: Sequence[str]) -> tuple[TopK, None]:
+        t = TopK(p.integer("top_k", params["top_k"])) if "top_k" in params else defaults
+        try:
+            return t.validate(len(names)), None
+        except ValueError as e:
+            raise InvalidParameter(str(e)) from None
+
+    def transform(self, imgsz, stride: int, letterbox_mode: str | None) -> ImageTransform:
+        """Every input gets the shape ``imgsz``, so a batch is one forward; ``letterbox_mode`` is not used."""
+        return lambda image: classify_transform(image, imgsz)
+
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[TopClasses]:
+        top_k = torch.tensor([it.options.top_k for it in items], dtype=torch.long)  # [n]
+        scores, class_ids, counts = (t.cpu() for t in module(feats, top_k))  # [n, K] x2, [n]
+        return [
+            TopClasses(torch.stack((class_ids[row, :n].to(torch.float32), scores[row, :n]), 1))  # [n_row, 2]
+            for row, n in enumerate(counts.tolist())
+        ]
+
+    def to_json(self, output: TopClasses, info: ModelInfo, options: ResponseOptions | None) -> list[dict]:
+        return [
+            {"class_id": int(c), "class_name": info.names[int(c)], "score": score(s)}
+            for c, s in output.top.numpy().astype(np.float64)
+        ]
+
+
+CLASSIFY = ClassifyTask()

@@ -1,0 +1,159 @@
+"""The detection family: detect, pose and OBB models (segment extends it in ``segment.py``).
+
+Request parameters: ``conf``, ``iou``, ``max_det``, ``classes`` (ids or names) and ``polygons`` (which
+only a segment model uses; the others accept and ignore it). Transform: the one letterbox
+(``handler/letterbox.py``). Postprocessor: :class:`export.postprocess.YoloPostprocess`, whose contract
+(inputs ``feats, geometry, conf, iou, max_det, class_mask``; outputs ``detections, counts, masks``) is
+written down in ``export/postprocess.py``.
+
+Results, ``"detections"``: one object per detection, sorted by score, highest first::
+
+    {"box": [x1, y1, x2, y2], "score": 0.91, "class_id": 0, "class_name": "person",
+     "keypoints": [[x, y, visibility], ...]}       # pose models only
+
+OBB models add ``"obb": {"cx", "cy", "w", "h", "angle"}`` (the rotated box; angle in radians) and
+``"corners": [[x, y] x 4]``; their ``"box"`` is the axis-aligned hull of the corners. Boxes, corners and
+keypoints are in original-image pixels (2 decimals); scores, visibilities and angles have 4 decimals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from handler import params as p
+from handler.errors import InvalidParameter
+from handler.letterbox import LETTERBOX_MODES, letterbox
+from handler.response import ModelInfo, px, score
+from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task
+
+PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes", "polygons")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-request filtering; the defaults are Ultralytics' predict defaults."""
+
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    classes: tuple[int, ...] | None = None  # class ids to keep; None keeps all
+
+    def validate(self, nc: int) -> "Thresholds":
+        """Raise ``ValueError`` naming the bad value; return self when all are in range."""
+        if not 0.0 <= self.conf <= 1.0:
+            raise ValueError(f"conf must be between 0 and 1, got {self.conf}")
+        if not 0.0 <= self.iou <= 1.0:
+            raise ValueError(f"iou must be between 0 and 1, got {self.iou}")
+        if not 1 <= self.max_det <= 10000:
+            raise ValueError(f"max_det must be between 1 and 10000, got {self.max_det}")
+        if self.classes is not None:
+            bad = [c for c in self.classes if not 0 <= c < nc]
+            if bad:
+                raise ValueError(f"class ids {bad} out of range 0..{nc - 1}")
+        return self
+
+
+@dataclass
+class Detections:
+    """One image's detections on CPU: ``rows: float32[n, ncols]`` (postprocessor rows, see
+    ``export/postprocess.py``) and, for segment models, ``masks: uint8[n, orig_h, orig_w]`` 0/1, mask ``j``
+    belonging to row ``j`` (None for the other tasks)."""
+
+    rows: Tensor
+    masks: Tensor | None = None
+
+
+def threshold_tensors(thresholds: list[Thresholds], nc: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Per-image thresholds -> the postprocessor's ``conf: float32[B]``, ``iou: float32[B]``,
+    ``max_det: int64[B]`` and ``class_mask: bool[B, nc]`` (None when no image filters classes)."""
+    conf = torch.tensor([t.conf for t in thresholds], dtype=torch.float32)
+    iou = torch.tensor([t.iou for t in thresholds], dtype=torch.float32)
+    max_det = torch.tensor([t.max_det for t in thresholds], dtype=torch.long)
+    class_mask = None
+    if any(t.classes is not None for t in thresholds):
+        class_mask = torch.ones(len(thresholds), nc, dtype=torch.bool)
+        for row, t in enumerate(thresholds):
+            if t.classes is not None:
+                class_mask[row] = False
+                class_mask[row, list(t.classes)] = True
+    return conf, iou, max_det, class_mask
+
+
+class DetectTask(Task):
+    """detect, pose (keypoint columns, from the metadata's ``kpt_shape``) and obb (``rotated``)."""
+
+    parameters = PARAMETERS
+    foreign = "apply to classify models only"
+    results_key = "detections"
+
+    def __init__(self, name: str, rotated: bool = False) -> None:
+        self.name = name
+        self.rotated = rotated
+
+    def default_options(self, config: Any = None) -> Thresholds:
+        if config is None:
+            return Thresholds()
+        return Thresholds(conf=config.conf, iou=config.iou, max_det=config.max_det)
+
+    def options(self, params: dict[str, Any], defaults: Thresholds, names: Sequence[str]) -> tuple[Thresholds, ResponseOptions]:
+        t = defaults
+        if "conf" in params:
+            t = replace(t, conf=p.number("conf", params["conf"]))
+        if "iou" in params:
+            t = replace(t, iou=p.number("iou", params["iou"]))
+        if "max_det" in params:
+            t = replace(t, max_det=p.integer("max_det", params["max_det"]))
+        if "classes" in params:
+            t = replace(t, classes=p.class_ids(params["classes"], names))
+        try:
+            t = t.validate(len(names))
+        except ValueError as e:
+            raise InvalidParameter(str(e)) from None
+        polygons = p.boolean("polygons", params["polygons"]) if "polygons" in params else False
+        return t, ResponseOptions(polygons=polygons)
+
+    def transform(self, imgsz, stride: int, letterbox_mode: str | None) -> ImageTransform:
+        if letterbox_mode not in LETTERBOX_MODES:
+            raise ValueError(f"letterbox must be one of {LETTERBOX_MODES}, got {letterbox_mode!r}")
+        return lambda image: letterbox(image, imgsz, stride, letterbox_mode)
+
+    def run_postprocessor(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``detections: float32[B, K, ncols]``, ``counts: int64[B]``, ``masks: uint8[B, M, H0, W0]`` on CPU."""
+        geometry = torch.tensor([it.params.as_row() for it in items], dtype=torch.float32)  # [B, 6]
+        dets, counts, masks = module(feats, geometry, *threshold_tensors([it.options for it in items], nc))
+        return dets.cpu(), counts.cpu(), masks.cpu()
+
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[Detections]:
+        dets, counts, _ = self.run_postprocessor(module, feats, items, nc)
+        return [Detections(dets[row, : int(counts[row])]) for row in range(len(items))]
+
+    def detection_json(self, row: np.ndarray, info: ModelInfo) -> dict:
+        """One postprocessor row (x1, y1, x2, y2, score, class_id, then the task's columns) -> one detection."""
+        class_id = int(row[5])
+        det = {
+            "box": [px(v) for v in row[:4]],
+            "score": score(row[4]),
+            "class_id": class_id,
+            "class_name": info.names[class_id],
+        }
+        if info.nkpt:
+            kpts = row[6 : 6 + 3 * info.nkpt].reshape(info.nkpt, 3)  # [nkpt, (x, y, visibility)]
+            det["keypoints"] = [[px(x), px(y), score(v)] for x, y, v in kpts]
+        if self.rotated:
+            cx, cy, w, h, angle = row[6:11]
+            det["obb"] = {"cx": px(cx), "cy": px(cy), "w": px(w), "h": px(h), "angle": score(angle)}
+            det["corners"] = [[px(x), px(y)] for x, y in row[11:19].reshape(4, 2)]
+        return det
+
+    def to_json(self, output: Detections, info: ModelInfo, options: ResponseOptions | None) -> list[dict]:
+        return [self.detection_json(r, info) for r in output.rows.numpy().astype(np.float64)]
+
+
+DETECT = DetectTask("detect")
+POSE = DetectTask("pose")
+OBB = DetectTask("obb", rotated=True)

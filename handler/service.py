@@ -153,6 +153,23 @@ class YoloService:
         result.answers = answers  # type: ignore[assignment]  # every slot is filled now
         return result
 
+    def describe(self) -> dict:
+        """What a client needs to know to call this model (TorchServe's ``GET /models/NAME?customized=true``
+        shows it as ``customizedMetadata``): its task, class names, request parameters and input size."""
+        meta = self.pipeline.metadata
+        return {
+            "model": self.info.name,
+            "task": self.info.task,
+            "names": list(self.info.names),
+            "parameters": list(self.task.parameters),
+            "imgsz": list(self.pipeline.imgsz) if not isinstance(self.pipeline.imgsz, int) else [self.pipeline.imgsz] * 2,
+            "letterbox": self.pipeline.letterbox_mode,
+            "kpt_shape": meta.get("kpt_shape"),
+            "format": meta.get("format"),
+            "contract": meta.get("contract"),
+            "exported_with": meta.get("versions"),
+        }
+
     def predict(self, image: bytes, **params: Any) -> Answer:
         """One request: the encoded image file and its parameters (``conf=0.5``, ``classes="person"``, ...)."""
         return self.handle([{"body": bytearray(image), **params}]).answers[0]

@@ -84,7 +84,10 @@ class YoloHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data: list, context) -> list[str]:
-        """One JSON text per request: the task's results, or ``{"error": ...}`` with that request's 4xx."""
+        """One JSON text per request: the task's results, or ``{"error": ...}`` with that request's 4xx.
+        A describe request (``GET /models/NAME?customized=true``) gets :meth:`YoloService.describe`."""
+        if _header(context, 0, "describe") == "True":
+            return [encode_response(self.service.describe())]
         batch = self.service.handle(data, [_content_type(context, idx) for idx in range(len(data))])
         for idx, answer in enumerate(batch.answers):
             if answer.status != 200:
@@ -99,12 +102,17 @@ class YoloHandler(BaseHandler):
         return [encode_response(a.body) for a in batch.answers]
 
 
-def _content_type(context, idx: int) -> str | None:
-    """The Content-Type TorchServe recorded for the ``body`` parameter, when there is one."""
+def _header(context, idx: int, name: str):
+    """A request header (or TorchServe's per-parameter header dict) of request ``idx``, None when absent."""
     try:
-        header = context.get_request_header(idx, "body")
+        return context.get_request_header(idx, name)
     except (AttributeError, IndexError, KeyError, TypeError):
         return None
+
+
+def _content_type(context, idx: int) -> str | None:
+    """The Content-Type TorchServe recorded for the ``body`` parameter, when there is one."""
+    header = _header(context, idx, "body")
     if isinstance(header, dict):
         return header.get("content-type")
     return None

@@ -42,7 +42,8 @@ def model_store(tmp_path_factory, pose_export) -> Path:
         names = set(z.namelist())
     # The handler/ package must arrive as a package (torch-model-archiver flattens directories).
     expected = {"backbone.pt", "postprocess.pt", "metadata.json", "model-config.yaml", "yolo_handler.py", "MAR-INF/MANIFEST.json"}
-    expected |= {f"handler/{m}.py" for m in ("__init__", "pipeline", "letterbox", "decode", "request", "config", "errors", "response")}
+    expected |= {f"handler/{m}.py" for m in ("__init__", "pipeline", "letterbox", "decode", "request", "config", "errors", "response", "service", "contract")}
+    expected |= {f"handler/tasks/{m}.py" for m in ("__init__", "base", "detect", "segment", "classify")}  # subpackages kept
     assert expected <= names, expected - names
     assert not any("__pycache__" in n or n.endswith("client.py") for n in names)
     return store
@@ -210,3 +211,15 @@ def test_worker_serves_without_ultralytics(model_store, tmp_path_factory, images
         assert r.status_code == 200, r.text
         assert_same_response(r.json(), reference)
         assert "ultralytics" not in {m.split(".")[0] for m in re.findall(r"No module named '([\w.]+)'", blocked.model_log())}
+
+
+def test_model_description_names_the_classes_and_parameters(server):
+    """``GET /models/yolo?customized=true`` (management API) carries the handler's own description."""
+    r = requests.get(f"{server.management_url}/models/yolo", params={"customized": "true"}, headers=server.headers("management"), timeout=30)
+    assert r.status_code == 200, r.text
+    import json
+
+    custom = json.loads(r.json()[0]["customizedMetadata"])
+    assert custom["task"] == "pose" and custom["names"] == ["person"] and custom["kpt_shape"] == [17, 3]
+    assert custom["parameters"] == ["conf", "iou", "max_det", "classes", "polygons"] and custom["imgsz"] == [640, 640]
+

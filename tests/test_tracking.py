@@ -398,3 +398,56 @@ def test_clip_tracks_equal_yolo_track(name, pose_weights, pose_export):
         tracked_frames += 1
     print(f"{name}: {tracked_frames}/{len(clip)} frames with IDs equal, {len(ids_seen)} IDs, worst IoU {worst:.6f}")
     assert tracked_frames >= 40 and len(ids_seen) >= 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stream registry
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_stream_registry_life_cycle():
+    from handler.tracking.streams import StreamError, StreamRegistry
+
+    clock = FakeClock()
+    reg = StreamRegistry(max_streams=2, idle_s=5.0, clock=clock)
+    a = reg.start(tracker_params("bytetrack"))
+    b = reg.start(tracker_params("botsort"), stream_id="ts-seq-given")
+    assert a.id.startswith(f"trk-{reg.epoch}-") and b.id == "ts-seq-given" and len(reg) == 2
+    assert reg.get(a.id) is a and isinstance(b.tracker, type(create_tracker(tracker_params("botsort"))))
+    with pytest.raises(StreamError) as err:
+        reg.start(tracker_params("bytetrack"))
+    assert err.value.kind == "too_many" and "max_streams 2" in err.value.message
+    with pytest.raises(StreamError) as err:
+        reg.start(tracker_params("bytetrack"), stream_id="ts-seq-given")
+    assert err.value.kind == "exists"
+
+    reg.end(b.id)
+    with pytest.raises(StreamError) as err:
+        reg.get(b.id)
+    assert err.value.kind == "ended"
+
+    clock.t += 4.0
+    reg.touch(a)
+    assert reg.expire_idle() == [] and a.frames == 1
+    clock.t += 5.5
+    assert reg.expire_idle() == [a.id] and len(reg) == 0
+    with pytest.raises(StreamError) as err:
+        reg.get(a.id)
+    assert err.value.kind == "expired" and "5 s" in err.value.message
+
+    other = StreamRegistry(max_streams=2, idle_s=5.0)  # a restarted worker process: another epoch
+    with pytest.raises(StreamError) as err:
+        other.get(a.id)
+    assert err.value.kind == "restarted"
+    with pytest.raises(StreamError) as err:
+        other.get("ts-seq-never-seen")
+    assert err.value.kind == "unknown"
+    restarted = reg.start(tracker_params("bytetrack"), stream_id=b.id)  # an ended id may start again
+    assert reg.get(b.id) is restarted

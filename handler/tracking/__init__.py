@@ -7,13 +7,16 @@ stream::
     tracker = create_tracker(params)
     frame_tracks = tracker.update(Detections(boxes, scores, classes), frame_bgr)
     frame_tracks.rows   # float32[M, 8] [x1, y1, x2, y2, track_id, score, cls, idx]
+
+:class:`StreamRegistry` holds a worker's streams (one tracker each) and drops them on end or idle expiry.
 """
 
 from handler.tracking.params import (BotSortParams, ByteTrackParams, GMC_METHODS, TRACKER_NAMES, TrackerParams,
                                      tracker_name, tracker_params)
+from handler.tracking.streams import Stream, StreamError, StreamRegistry
 from handler.tracking.tracker import BotSortTracker, ByteTracker, Detections, FrameTracks, create_tracker
 
 __all__ = [
     "BotSortParams", "BotSortTracker", "ByteTrackParams", "ByteTracker", "Detections", "FrameTracks", "GMC_METHODS",
-    "TRACKER_NAMES", "TrackerParams", "create_tracker", "tracker_name", "tracker_params",
+    "Stream", "StreamError", "StreamRegistry", "TRACKER_NAMES", "TrackerParams", "create_tracker", "tracker_name", "tracker_params",
 ]

@@ -1,0 +1,203 @@
+"""How long a request to a model with no live worker waits (issue 13, item 1), on a real TorchServe.
+
+TorchServe 0.12 queues a request for a model whose worker is down (crash-looping while it loads, or
+given up after ``maxRetryTimeoutInSec``) and never answers it: only a worker takes a job off the queue,
+and ``responseTimeout``, ``startupTimeout``, ``clientTimeoutInMills`` and ``maxRetryTimeoutInSec`` do
+not touch queued jobs (measured in ``docs/torchserve.md``, "How long a request can wait"). So with the
+``model-config.yaml`` that ``export/archive.py`` writes, the bound is the client's own timeout, and
+``python -m tools.client --timeout S`` must give up after ``S`` seconds with one clear line.
+``useJobTicket: true`` (an opt-in: it also refuses every request that finds no idle worker) makes
+TorchServe itself answer 503 at once.
+
+The archives are built with the plain archiver command and ``handler: {imgsz: 500}`` (no multiple of
+the stride 32), which the worker's validator rejects when it loads: ``build_archive`` refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from export.archive import archiver_command, model_config_yaml, stage_handler_code
+from handler.contract import MODEL_CONFIG_FILE
+from tools.server import PORT_KEYS, REPO_CONFIG, TorchServe, free_ports, server_env, server_properties
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = "yolo"  # the shipped TorchServe keys (export/archive.py), only the handler section broken
+TICKET = "yolo_ticket"  # the same plus the opt-in useJobTicket: true
+BROKEN_HANDLER = {"imgsz": 500, "warmup": 0}
+CLIENT_TIMEOUT_S = 5.0  # the bound with the shipped settings: the client's --timeout
+CLIENT_SLACK_S = 2.0  # in-process: the client's own work around the wait
+INTERPRETER_SLACK_S = 20.0  # a fresh Python importing cv2/numpy/requests on a loaded 2-core host
+TICKET_BOUND_S = 10.0  # useJobTicket: "at once" (measured 0.01-3.5 s on the loaded 2-core host)
+NO_HANG_S = 120.0  # a client timeout far above every bound: a hang fails the test instead of passing it
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_shipped_config_has_no_key_that_silences_answers():
+    """``clientTimeoutInMills`` drops a late answer without a word (the client waits for ever), and
+    ``useJobTicket`` refuses every request that finds no idle worker: neither belongs in the default
+    archive. ``responseTimeout`` bounds a batch a worker has taken."""
+    config = yaml.safe_load(model_config_yaml())
+    assert "clientTimeoutInMills" not in config and "useJobTicket" not in config, config
+    assert isinstance(config.get("responseTimeout"), int) and config["responseTimeout"] > 0, config
+
+
+def _archive(export_dir: Path, store: Path, name: str, torchserve: dict) -> None:
+    """``store/NAME.mar`` with the shipped model-config.yaml (plus ``torchserve`` keys) and the broken handler section.
+    Without ``metadata``, ``model_config_yaml`` checks only the values, not the stride, so imgsz 500 passes."""
+    (export_dir / MODEL_CONFIG_FILE).write_text(model_config_yaml(BROKEN_HANDLER, torchserve=torchserve))
+    stage_handler_code(export_dir)
+    with tempfile.TemporaryDirectory(prefix="archiver_") as tmp:
+        subprocess.run(archiver_command(export_dir, name, store), check=True, capture_output=True, timeout=300, env={**os.environ, "TMPDIR": tmp})
+
+
+def _worker_deaths(server: TorchServe, model: str) -> int:
+    return len(re.findall(rf"W-\d+-{re.escape(model)}_[\d.]+-stdout MODEL_LOG - Backend worker process died", server.model_log()))
+
+
+def _start_without_waiting(store: Path, workdir: Path, models: list[str], timeout: float = 180.0) -> TorchServe:
+    """tools.server.start_server, but return once the frontend has registered ``models`` and each
+    worker has died at least once (start_server would wait for READY, which never comes)."""
+    workdir.mkdir(parents=True)
+    tmpdir = workdir / "tmp"
+    tmpdir.mkdir()
+    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+    props = workdir / "config.properties"
+    props.write_text(server_properties(REPO_CONFIG, ports, store, ",".join(f"{m}.mar" for m in models)))
+    server = TorchServe(workdir, tmpdir, models[0], ports, server_env(workdir, tmpdir))
+    exe = Path(sys.executable).with_name("torchserve")
+    with open(workdir / "launcher.log", "ab") as log:
+        launcher = subprocess.Popen([str(exe) if exe.exists() else "torchserve", "--start", "--ncs", "--ts-config", str(props)],
+                                    cwd=workdir, env=server.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            server._remember_processes()
+            if server.key_file.exists() and all(_worker_deaths(server, m) for m in models):
+                try:
+                    if all(_describe(server, m) for m in models):
+                        return server
+                except requests.RequestException:
+                    pass
+            time.sleep(0.5)
+        raise AssertionError(f"frontend not up or workers not dead after {timeout:.0f} s; see {workdir}/logs")
+    except BaseException:
+        server.stop()
+        if launcher.poll() is None:
+            launcher.kill()
+        raise
+
+
+def _describe(server: TorchServe, model: str) -> dict:
+    r = requests.get(f"{server.management_url}/models/{model}", headers=server.headers("management"), timeout=10)
+    r.raise_for_status()
+    return r.json()[0]
+
+
+@pytest.fixture(scope="module")
+def dead_server(tmp_path_factory):
+    """One TorchServe serving both broken archives; neither worker ever becomes READY."""
+    from export.exporter import export_model
+
+    root = tmp_path_factory.mktemp("wait_bound")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit in torch 2.14
+        export_model("yolov8n.yaml", root / "export", [320, 320], check=False, log=lambda _: None)
+    store = root / "store"
+    store.mkdir()
+    _archive(root / "export", store, SHIPPED, {})
+    _archive(root / "export", store, TICKET, {"useJobTicket": True})
+    server = _start_without_waiting(store, root / "server", [SHIPPED, TICKET])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def image(sample_images) -> bytes:
+    return sample_images[0].read_bytes()
+
+
+def _client_args(server: TorchServe, image_path: Path, model: str, timeout: float) -> list[str]:
+    return [str(image_path), "--url", f"{server.inference_url}/predictions/{model}", "--key-file", str(server.key_file),
+            "--management-url", server.management_url, "--timeout", f"{timeout:g}"]
+
+
+def test_no_worker_alive(dead_server):
+    """The premise: no worker is READY, and the worker's own error is in its log."""
+    for model in (SHIPPED, TICKET):
+        assert not [w for w in _describe(dead_server, model)["workers"] if w["status"] == "READY"]
+    assert "handler.imgsz [500, 500] is not a multiple of the model's max stride 32" in dead_server.model_log()
+
+
+def test_torchserve_keeps_a_queued_request_unanswered(dead_server, image):
+    """Why the client's timeout is the bound: TorchServe queues the request and does not answer it."""
+    before = _describe(dead_server, SHIPPED)["jobQueueStatus"]["pendingRequests"]
+    t0 = time.monotonic()
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(f"{dead_server.inference_url}/predictions/{SHIPPED}", files={"image": ("image", image)},
+                      headers=dead_server.headers(), timeout=CLIENT_TIMEOUT_S)
+    assert time.monotonic() - t0 >= CLIENT_TIMEOUT_S
+    assert _describe(dead_server, SHIPPED)["jobQueueStatus"]["pendingRequests"] == before + 1, "the request stays queued"
+
+
+def test_client_gives_up_within_its_timeout(dead_server, sample_images, capsys):
+    """In process: ``tools.client.main`` returns 1 within --timeout + a little, with one line naming the cause."""
+    from tools.client import main
+
+    t0 = time.monotonic()
+    code = main(_client_args(dead_server, sample_images[0], SHIPPED, CLIENT_TIMEOUT_S))
+    elapsed = time.monotonic() - t0
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert CLIENT_TIMEOUT_S <= elapsed <= CLIENT_TIMEOUT_S + CLIENT_SLACK_S, elapsed
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no answer from "), err
+    assert f"within {CLIENT_TIMEOUT_S:g} s (--timeout)" in lines[0] and "no live worker" in lines[0], err
+
+
+def test_client_cli_prints_one_line_not_a_traceback(dead_server, sample_images):
+    """The user's command (``python -m tools.client ... --timeout 5``): exit 1, one stderr line, nothing on stdout."""
+    cmd = [sys.executable, "-m", "tools.client", *_client_args(dead_server, sample_images[0], SHIPPED, CLIENT_TIMEOUT_S)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=NO_HANG_S)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no answer from ") and "--timeout" in lines[0], proc.stderr
+    assert CLIENT_TIMEOUT_S <= elapsed <= CLIENT_TIMEOUT_S + INTERPRETER_SLACK_S, elapsed
+
+
+def test_job_ticket_makes_torchserve_answer_503_at_once(dead_server, image, sample_images):
+    """``useJobTicket: true``: no idle worker, so TorchServe refuses the request itself, with a JSON 503."""
+    t0 = time.monotonic()
+    r = requests.post(f"{dead_server.inference_url}/predictions/{TICKET}", files={"image": ("image", image)},
+                      headers=dead_server.headers(), timeout=NO_HANG_S)
+    elapsed = time.monotonic() - t0
+    assert elapsed <= TICKET_BOUND_S, elapsed
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["code"] == 503 and body["type"] == "ServiceUnavailableException", body
+    assert f'Model "{TICKET}" has no worker to serve inference request' in body["message"], body
+    assert _describe(dead_server, TICKET)["jobQueueStatus"]["pendingRequests"] == 0, "refused, not queued"
+    # the client shows TorchServe's answer and the status, without a traceback
+    cmd = [sys.executable, "-m", "tools.client", *_client_args(dead_server, sample_images[0], TICKET, NO_HANG_S)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=NO_HANG_S)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["code"] == 503 and proc.stderr.strip() == "error: HTTP 503", (proc.stdout, proc.stderr)

@@ -451,3 +451,11 @@ def test_stream_registry_life_cycle():
     assert err.value.kind == "unknown"
     restarted = reg.start(tracker_params("bytetrack"), stream_id=b.id)  # an ended id may start again
     assert reg.get(b.id) is restarted
+
+
+def test_tracking_does_not_import_ultralytics():
+    import subprocess
+    import sys
+
+    code = "import sys, handler.tracking; sys.exit('ultralytics' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,50 @@ def test_unpinned_process_sees_its_whole_affinity_capped_by_the_real_quota():
     quota = _real_quota_cpus()
     expected = mine if quota is None else max(1, min(mine, int(quota)))
     assert seen["affinity"] == mine and seen["cpus"] == expected, seen
+
+
+@pytest.fixture
+def real_quota_cgroup():
+    """A child cgroup of this machine's CPU controller with a 1.5-CPU quota (like ``docker --cpus 1.5``);
+    skipped where this process may not create one. Removed afterwards."""
+    from handler.cpu_budget import CGROUP_ROOT, PROC_SELF_CGROUP, find_cgroup_cpu
+
+    try:
+        cg = find_cgroup_cpu(CGROUP_ROOT, PROC_SELF_CGROUP)
+    except OSError:
+        cg = None
+    if cg is None:
+        pytest.skip("no cgroup CPU controller visible")
+    child = cg.directory / f"yolo_cpu_budget_test_{os.getpid()}"
+    try:
+        child.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a cgroup here ({e})")
+    try:
+        try:
+            if cg.version == 2:
+                (child / "cpu.max").write_text("150000 100000")
+            else:
+                (child / "cpu.cfs_period_us").write_text("100000")
+                (child / "cpu.cfs_quota_us").write_text("150000")
+        except OSError as e:
+            pytest.skip(f"cannot set a CPU quota ({e})")
+        yield child
+    finally:
+        for _ in range(50):  # the child process may take a moment to leave
+            try:
+                child.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_a_real_cgroup_quota_caps_the_budget(real_quota_cgroup):
+    """The kernel's own files: a process moved into a 1.5-CPU cgroup gets 1 CPU whatever its affinity."""
+    procs = real_quota_cgroup / "cgroup.procs"
+    seen = _budget_in_subprocess(preexec=lambda: procs.write_text(str(os.getpid())))
+    assert seen["cpus"] == 1 and seen["threads"] == 1, seen
+    assert "150000" in seen["reason"] and real_quota_cgroup.name in seen["reason"], seen["reason"]
 
 
 # ---------------------------------------------------------------- fake cgroup trees

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -51,12 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true", help="skip the comparison with Ultralytics (not recommended)")
     p.add_argument("--seed", type=int, default=0, help="seed for building a .yaml model (default 0)")
     p.add_argument("--archive", action="store_true", help="also build MODEL_STORE/NAME.mar with torch-model-archiver")
+    p.add_argument("--version", default="1.0", help="model version, recorded in metadata.json and the archive; "
+                   "other than 1.0 the archive is MODEL_STORE/NAME-VERSION.mar, ready for `python -m tools.rollout` (default 1.0)")
     p.add_argument("--model-store", type=Path, default=Path("model_store"), help="where --archive writes the .mar (default model_store)")
     args = p.parse_args(argv)
     if args.imgsz is not None:
         if len(args.imgsz) not in (1, 2) or min(args.imgsz) < 1:
             p.error("--imgsz takes one or two positive integers")
         args.imgsz = args.imgsz * 2 if len(args.imgsz) == 1 else args.imgsz
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.version):
+        p.error(f"--version {args.version!r}: use letters, digits, '.', '_' or '-' (e.g. 2.0); it becomes part of a file name and a URL")
     args.out = args.out or Path("exports") / args.name
     return args
 
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = export_model(
             args.weights, args.out, args.imgsz, args.name, args.head, args.letterbox, not args.no_check, args.seed,
-            backbone_format=args.format,
+            backbone_format=args.format, version=args.version,
         )
         if args.archive:
             from export.archive import build_archive

@@ -31,7 +31,7 @@ from pathlib import Path
 import handler
 from export.checkpoint import ExportError
 from handler.config import HandlerConfig
-from handler.contract import BACKBONE_FILE, METADATA_FILE, MODEL_CONFIG_FILE, POSTPROCESS_FILE
+from handler.contract import BACKBONE_FILE, DEFAULT_MODEL_VERSION, METADATA_FILE, MODEL_CONFIG_FILE, POSTPROCESS_FILE, archive_file_name
 
 CODE_DIR = "code"  # EXPORT_DIR/code/handler/ becomes MODEL_DIR/handler/
 HANDLER_DIR = Path(handler.__file__).resolve().parent
@@ -74,6 +74,7 @@ _HANDLER_COMMENTS = {
     "max_image_pixels": "larger images get HTTP 413; 0 = no limit",
     "warmup": "forward passes when the worker loads",
     "torch_threads": "torch.set_num_threads; 0 = auto (on CPU: cores / maxWorkers)",
+    "cpu_fallback": "GPU worker with unusable CUDA: serve on CPU (true) or fail the load (false)",
 }
 
 
@@ -137,13 +138,13 @@ def backbone_file(export_dir: Path) -> str:
     return json.loads((export_dir / METADATA_FILE).read_text()).get("backbone", BACKBONE_FILE)
 
 
-def archiver_command(export_dir: Path, name: str, model_store: Path) -> list[str]:
+def archiver_command(export_dir: Path, name: str, model_store: Path, version: str = DEFAULT_MODEL_VERSION) -> list[str]:
     """The README's torch-model-archiver command for this export (paths absolute)."""
     exe = Path(sys.executable).with_name("torch-model-archiver")
     return [
         str(exe) if exe.exists() else "torch-model-archiver",
         "--model-name", name,
-        "--version", "1.0",
+        "--version", version,
         "--serialized-file", str(export_dir / backbone_file(export_dir)),
         "--handler", str(HANDLER_DIR / HANDLER_ENTRY),
         "--extra-files", ",".join(str(export_dir / f) for f in (POSTPROCESS_FILE, METADATA_FILE, CODE_DIR)),
@@ -185,17 +186,22 @@ def build_archive(
     (export_dir / MODEL_CONFIG_FILE).write_text(text)
     stage_handler_code(export_dir)
     model_store.mkdir(parents=True, exist_ok=True)
-    cmd = archiver_command(export_dir, name, model_store)
+    version = metadata.get("model_version", DEFAULT_MODEL_VERSION)
+    mar = model_store / archive_file_name(name, version)
     # torch-model-archiver stages the files in $TMPDIR/NAME: a private TMPDIR keeps two builds of the
-    # same model name (two users, parallel tests) from overwriting each other's staging directory.
-    with tempfile.TemporaryDirectory(prefix="archiver_") as tmp:
+    # same model name (two users, parallel tests) from overwriting each other's staging directory. It
+    # also writes NAME.mar whatever the version, so it writes into that TMPDIR, and the archive is moved
+    # to its own name: a version 2.0 never replaces the yolo.mar that is serving.
+    with tempfile.TemporaryDirectory(prefix="archiver_", dir=model_store) as tmp:
+        cmd = archiver_command(export_dir, name, Path(tmp), version)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": tmp})
         except FileNotFoundError:
             raise ArchiveError("torch-model-archiver is not installed; pip install torch-model-archiver") from None
-    if proc.returncode != 0:
-        raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    mar = model_store / f"{name}.mar"
-    if not mar.is_file():
-        raise ArchiveError(f"torch-model-archiver did not write {mar}")
+        if proc.returncode != 0:
+            raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        written = Path(tmp) / f"{name}.mar"  # torch-model-archiver names the file after the model
+        if not written.is_file():
+            raise ArchiveError(f"torch-model-archiver did not write {written}")
+        written.replace(mar)
     return mar

@@ -17,7 +17,15 @@ from export.checkpoint import ExportError, HeadChoice, LoadedModel, load_model
 from export.metadata import build_metadata, to_json
 from export.tasks import EXPORT_TASKS, export_task
 from export import verify
-from handler.contract import AOTI_BACKBONE_FILE, AOTI_FORMAT, BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, TORCHSCRIPT_FORMAT
+from handler.contract import (
+    AOTI_BACKBONE_FILE,
+    AOTI_FORMAT,
+    BACKBONE_FILE,
+    DEFAULT_MODEL_VERSION,
+    METADATA_FILE,
+    POSTPROCESS_FILE,
+    TORCHSCRIPT_FORMAT,
+)
 from handler.decode import decode_image
 from handler.pipeline import YoloPipeline
 
@@ -80,6 +88,7 @@ def export_model(
     seed: int = 0,
     log: Callable[[str], None] = print,
     backbone_format: str = TORCHSCRIPT_FORMAT,
+    version: str = DEFAULT_MODEL_VERSION,
 ) -> ExportResult:
     """``backbone_format="aoti"`` also compiles ``backbone.pt2`` (``export/aoti.py``) and names it in the
     metadata, so that the handler serves it; ``backbone.pt`` is still written, as the reference."""
@@ -98,7 +107,7 @@ def export_model(
         f"  task={loaded.task} head={loaded.head_type} nc={loaded.nc} reg_max={loaded.reg_max} "
         f"end2end={loaded.end2end} kpt_shape={loaded.kpt_shape} strides={loaded.strides}"
     )
-    metadata = build_metadata(loaded, name, imgsz, letterbox, backbone_format)
+    metadata = build_metadata(loaded, name, imgsz, letterbox, backbone_format, version)
     extra = {METADATA_FILE: to_json(metadata)}
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone_path, post_path, meta_path = out_dir / BACKBONE_FILE, out_dir / POSTPROCESS_FILE, out_dir / METADATA_FILE

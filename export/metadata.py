@@ -10,10 +10,13 @@ import torch
 from export.checkpoint import LoadedModel
 from export.tasks import export_task
 from export.postprocess import ANGLE_DECODE_NONE, ANGLE_DECODE_OBB26, KPT_DECODE_POSE26
-from handler.contract import BACKBONE_FILES, CONTRACT_VERSION, METADATA_KEYS, TORCHSCRIPT_FORMAT
+from handler.contract import BACKBONE_FILES, CONTRACT_VERSION, DEFAULT_MODEL_VERSION, METADATA_KEYS, TORCHSCRIPT_FORMAT
 
 
-def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: str, backbone_format: str = TORCHSCRIPT_FORMAT) -> dict:
+def build_metadata(
+    loaded: LoadedModel, name: str, imgsz: list[int], letterbox: str, backbone_format: str = TORCHSCRIPT_FORMAT,
+    version: str = DEFAULT_MODEL_VERSION,
+) -> dict:
     """Everything a server needs to know about the exported pair, JSON-serialisable.
 
     ``format`` names how the backbone is stored (``torchscript``: ``backbone.pt``; ``aoti``:
@@ -23,6 +26,7 @@ def build_metadata(loaded: LoadedModel, name: str, imgsz: list[int], letterbox: 
     meta = {
         "contract": CONTRACT_VERSION,
         "name": name,
+        "model_version": version,
         "task": loaded.task,
         "names": loaded.names,  # a list: index = class id (JSON object keys would become strings)
         "nc": loaded.nc,

@@ -12,6 +12,7 @@ Example (every key optional; these are the defaults)::
       max_image_pixels: 40000000  # larger images get HTTP 413; 0 = no limit
       warmup: 2               # forward passes at load time
       torch_threads: 0        # torch.set_num_threads; 0 = auto (on CPU: cores / maxWorkers)
+      cpu_fallback: false     # a GPU worker whose CUDA is unusable serves on CPU (loud log + metric) instead of failing
 
 :meth:`HandlerConfig.from_dict` raises ``ValueError`` naming the key and what to write instead, so a
 bad archive fails when the worker loads, not on the first request.
@@ -68,6 +69,7 @@ class HandlerConfig:
     max_image_pixels: int = 40_000_000
     warmup: int = 2
     torch_threads: int = 0  # 0: auto, see yolo_handler.cpu_threads
+    cpu_fallback: bool = False  # see yolo_handler.YoloHandler.initialize
 
     @classmethod
     def from_dict(cls, section: dict | None) -> "HandlerConfig":
@@ -84,9 +86,10 @@ class HandlerConfig:
         letterbox = get("letterbox", d.letterbox)
         if letterbox is not None and letterbox not in LETTERBOX_MODES:
             raise ValueError(f"{_where('letterbox')} must be one of {list(LETTERBOX_MODES)}, got {letterbox!r}; write e.g. `letterbox: rect`")
-        half = get("half", d.half)
-        if not isinstance(half, bool):
-            raise ValueError(f"{_where('half')} must be true or false, got {half!r}; write e.g. `half: false`")
+        half, cpu_fallback = get("half", d.half), get("cpu_fallback", d.cpu_fallback)
+        for key, value in (("half", half), ("cpu_fallback", cpu_fallback)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{_where(key)} must be true or false, got {value!r}; write e.g. `{key}: false`")
         return cls(
             conf=_number("conf", get("conf", d.conf), 0.0, 1.0, "0.25"),
             iou=_number("iou", get("iou", d.iou), 0.0, 1.0, "0.7"),
@@ -97,6 +100,7 @@ class HandlerConfig:
             max_image_pixels=_integer("max_image_pixels", get("max_image_pixels", d.max_image_pixels), 0, 2**40, "40000000"),
             warmup=_integer("warmup", get("warmup", d.warmup), 0, 100, "2"),
             torch_threads=_integer("torch_threads", get("torch_threads", d.torch_threads), 0, 1024, "0"),
+            cpu_fallback=cpu_fallback,
         )
 
     def check_model(self, metadata: dict) -> None:

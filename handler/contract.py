@@ -20,6 +20,12 @@ BACKBONE_FILE = "backbone.pt"  # traced TorchScript backbone
 AOTI_BACKBONE_FILE = "backbone.pt2"  # AOTInductor package (``--format aoti``)
 POSTPROCESS_FILE = "postprocess.pt"  # scripted postprocessor
 MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model settings, with our ``handler:`` section
+DEFAULT_MODEL_VERSION = "1.0"  # NAME.mar; any other version is archived as NAME-VERSION.mar
+
+
+def archive_file_name(name: str, version: str) -> str:
+    """The .mar file of a model version in a model store: ``yolo.mar`` for 1.0, ``yolo-2.0.mar`` otherwise."""
+    return f"{name}.mar" if version == DEFAULT_MODEL_VERSION else f"{name}-{version}.mar"
 
 # Backbone formats (metadata["format"]); metadata["backbone"] names the file of that format.
 TORCHSCRIPT_FORMAT = "torchscript"
@@ -31,6 +37,7 @@ AOTI_METADATA_KEY = METADATA_FILE  # key of the export metadata in an AOTInducto
 METADATA_KEYS: dict[str, str] = {
     "contract": "int: CONTRACT_VERSION of the files",
     "name": "str: model name (the .mar name, /predictions/NAME)",
+    "model_version": "str: the model version (torch-model-archiver --version, /predictions/NAME/VERSION)",
     "task": "str: the task; handler/tasks/ maps it to the object that serves it",
     "names": "list[str]: class names, index = class id",
     "nc": "int: number of classes",

@@ -2,11 +2,12 @@
 
 Schema (one object per request)::
 
-    {"model": "yolo", "task": "pose", "image": {"width": W, "height": H},
+    {"model": "yolo", "model_version": "1.0", "task": "pose", "image": {"width": W, "height": H},
      "<results key>": ...,            # "detections" (detect, pose, segment, obb) or "top" (classify)
      "speed_ms": {"preprocess": .., "inference": .., "postprocess": ..}}
 
-What the results hold is each task's own (``handler/tasks/``). Coordinates are in original-image
+``model_version`` is the version that answered (TorchServe's, from the archive), so that a client sees
+a rollout happen. What the results hold is each task's own (``handler/tasks/``). Coordinates are in original-image
 pixels with 2 decimals; scores have 4 decimals.
 """
 
@@ -29,13 +30,20 @@ class ModelInfo:
     task: str
     names: Sequence[str]
     nkpt: int  # 0 for models without keypoints
+    version: str = "1.0"
 
     @classmethod
-    def from_metadata(cls, meta: dict, name: str | None = None) -> "ModelInfo":
-        """The one place that reads these from ``metadata.json``; ``name`` overrides the exported name
-        (TorchServe's model name)."""
+    def from_metadata(cls, meta: dict, name: str | None = None, version: str | None = None) -> "ModelInfo":
+        """The one place that reads these from ``metadata.json``; ``name`` and ``version`` override the
+        exported ones (TorchServe's model name and the archive's version)."""
         kpt_shape = meta.get("kpt_shape")
-        return cls(name=name or meta["name"], task=meta["task"], names=list(meta["names"]), nkpt=kpt_shape[0] if kpt_shape else 0)
+        return cls(
+            name=name or meta["name"],
+            task=meta["task"],
+            names=list(meta["names"]),
+            nkpt=kpt_shape[0] if kpt_shape else 0,
+            version=str(version or meta["model_version"]),
+        )
 
 
 def px(v: float) -> float:
@@ -52,6 +60,7 @@ def response_body(info: ModelInfo, width: int, height: int, key: str, results: A
     """The body of one answered request, keys in schema order."""
     return {
         "model": info.name,
+        "model_version": info.version,
         "task": info.task,
         "image": {"width": int(width), "height": int(height)},
         key: results,

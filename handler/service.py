@@ -72,11 +72,13 @@ class BatchResult:
 class YoloService:
     """An exported model, ready to answer requests."""
 
-    def __init__(self, pipeline: YoloPipeline, config: HandlerConfig = HandlerConfig(), name: str | None = None) -> None:
+    def __init__(
+        self, pipeline: YoloPipeline, config: HandlerConfig = HandlerConfig(), name: str | None = None, version: str | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.config = config
         self.task = pipeline.task
-        self.info = ModelInfo.from_metadata(pipeline.metadata, name)
+        self.info = ModelInfo.from_metadata(pipeline.metadata, name, version)
         self.defaults = self.task.default_options(config)
 
     @classmethod
@@ -86,6 +88,7 @@ class YoloService:
         config: HandlerConfig = HandlerConfig(),
         device: torch.device | str = "cpu",
         name: str | None = None,
+        version: str | None = None,
     ) -> "YoloService":
         """Load ``backbone.pt`` + ``postprocess.pt`` from ``model_dir`` with the ``handler:`` settings
         ``config``; raises ``ValueError`` (bad settings) or ``ArtifactError`` (bad files) at load time."""
@@ -105,7 +108,7 @@ class YoloService:
             imgsz=list(config.imgsz) if config.imgsz else None,
             letterbox_mode=config.letterbox,
         )
-        return cls(pipeline, config, name)
+        return cls(pipeline, config, name, version)
 
     def prepare(self, row: Any, content_type: str | None = None, idx: int = 0) -> PreparedRequest:
         """Parse, decode and transform one request row; raises :class:`RequestError` for a bad request."""
@@ -159,6 +162,7 @@ class YoloService:
         meta = self.pipeline.metadata
         return {
             "model": self.info.name,
+            "model_version": self.info.version,
             "task": self.info.task,
             "names": list(self.info.names),
             "parameters": list(self.task.parameters),

@@ -12,7 +12,6 @@ which ``torch-model-archiver --extra-files`` puts into the model directory).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.config import HandlerConfig
+from handler.device import CPU, CudaUnavailableError, select_device, set_threads
 from handler.response import encode_response
 from handler.service import YoloService
 
@@ -32,26 +32,7 @@ METRIC_PREPROCESS = "YoloPreprocessTime"
 METRIC_INFERENCE = "YoloInferenceTime"
 METRIC_POSTPROCESS = "YoloPostprocessTime"
 METRIC_BATCH_SIZE = "YoloBatchSize"
-
-
-def select_device(gpu_id: int | None) -> torch.device:
-    """``cuda:{gpu_id}`` when CUDA is available (and TorchServe gave a GPU id), CPU otherwise."""
-    if torch.cuda.is_available() and gpu_id is not None:
-        return torch.device(f"cuda:{gpu_id}")
-    return torch.device("cpu")
-
-
-def cpu_threads(device: torch.device, context) -> int:
-    """The ``torch_threads: 0`` (auto) choice: on CPU, the cores shared among the model's workers.
-
-    TorchServe starts every worker with OMP_NUM_THREADS=1, which leaves cores idle when there are
-    fewer workers than cores. 0 means "leave torch alone" (CUDA, where the GPU does the work).
-    """
-    if device.type != "cpu":
-        return 0
-    yaml = getattr(context, "model_yaml_config", None) or {}
-    workers = yaml.get("maxWorkers") or yaml.get("minWorkers") or 1
-    return max(1, (os.cpu_count() or 1) // max(1, int(workers)))
+METRIC_CPU_FALLBACK = "YoloCpuFallback"  # 1 when a GPU worker serves on CPU (handler.cpu_fallback)
 
 
 class YoloHandler(BaseHandler):
@@ -63,12 +44,10 @@ class YoloHandler(BaseHandler):
         """Load both exported files from the model directory; do not let BaseHandler load anything."""
         props = context.system_properties
         config = HandlerConfig.from_dict((getattr(context, "model_yaml_config", None) or {}).get("handler"))
-        device = select_device(props.get("gpu_id"))
-        threads = config.torch_threads or cpu_threads(device, context)
-        if threads:
-            torch.set_num_threads(threads)
+        manifest = getattr(context, "manifest", None) or {}
+        version = (manifest.get("model") or {}).get("modelVersion")  # what TorchServe routes /NAME/VERSION by
         t0 = time.perf_counter()
-        service = YoloService.from_dir(props["model_dir"], config, device, name=getattr(context, "model_name", None))
+        service, device = self._load(context, config, version)
         pipeline, info = service.pipeline, service.info
         t1 = time.perf_counter()
         if config.warmup:
@@ -82,6 +61,33 @@ class YoloHandler(BaseHandler):
         )
         self.service, self.device, self.context = service, device, context
         self.initialized = True
+
+    def _load(self, context, config: HandlerConfig, version: str | None) -> tuple[YoloService, torch.device]:
+        """The service on the worker's device. A GPU worker whose CUDA is unusable (no CUDA, a driver error or
+        out of memory while loading) fails the load with the CUDA error, or, with ``cpu_fallback: true``,
+        serves on CPU with a loud log line and the ``YoloCpuFallback`` metric."""
+        props = context.system_properties
+        load = lambda device: YoloService.from_dir(  # noqa: E731
+            props["model_dir"], config, device, name=getattr(context, "model_name", None), version=version
+        )
+        yaml = getattr(context, "model_yaml_config", None)
+        try:
+            device = select_device(props.get("gpu_id"))
+            set_threads(config.torch_threads, device, yaml)
+            return load(device), device
+        except (CudaUnavailableError, torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            cuda_error = isinstance(e, (CudaUnavailableError, torch.cuda.OutOfMemoryError)) or "cuda" in str(e).lower()
+            if not cuda_error:
+                raise
+            if not config.cpu_fallback:
+                raise RuntimeError(
+                    f"the model cannot load on GPU {props.get('gpu_id')}: {e}. Set `cpu_fallback: true` in model-config.yaml "
+                    "handler: to serve on CPU instead"
+                ) from e
+            logger.error("CPU FALLBACK: GPU %s is unusable (%s); this worker serves on CPU (handler.cpu_fallback)", props.get("gpu_id"), e)
+            _record(context, METRIC_CPU_FALLBACK, 1, unit="count")
+            set_threads(config.torch_threads, CPU, yaml)
+            return load(CPU), CPU
 
     def handle(self, data: list, context) -> list[str]:
         """One JSON text per request: the task's results, or ``{"error": ...}`` with that request's 4xx.

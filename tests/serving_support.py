@@ -28,7 +28,7 @@ def response_rows(body: dict) -> np.ndarray:
 
 def assert_same_response(a: dict, b: dict) -> None:
     """Equal up to one rounding unit: same model, image, detection count, order and classes."""
-    assert {k: a[k] for k in ("model", "task", "image")} == {k: b[k] for k in ("model", "task", "image")}
+    assert {k: a[k] for k in ("model", "model_version", "task", "image")} == {k: b[k] for k in ("model", "model_version", "task", "image")}
     assert [d["class_id"] for d in a["detections"]] == [d["class_id"] for d in b["detections"]]
     ra, rb = response_rows(a), response_rows(b)
     assert ra.shape == rb.shape
@@ -42,7 +42,7 @@ def assert_same_response(a: dict, b: dict) -> None:
 
 def check_schema(body: dict, pose: bool) -> None:
     """The response schema of issue 3, exactly (no extra or missing keys)."""
-    assert set(body) == {"model", "task", "image", "detections", "speed_ms"}
+    assert set(body) == {"model", "model_version", "task", "image", "detections", "speed_ms"}
     assert set(body["image"]) == {"width", "height"}
     assert set(body["speed_ms"]) == {"preprocess", "inference", "postprocess"}
     assert all(isinstance(v, float) and v >= 0 for v in body["speed_ms"].values())

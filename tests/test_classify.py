@@ -188,7 +188,7 @@ def cls_handler(tmp_path_factory):
 
 
 def check_classify_schema(body: dict, k: int, names) -> None:
-    assert set(body) == {"model", "task", "image", "top", "speed_ms"} and body["task"] == "classify"
+    assert set(body) == {"model", "model_version", "task", "image", "top", "speed_ms"} and body["task"] == "classify"
     assert set(body["image"]) == {"width", "height"}
     assert set(body["speed_ms"]) == {"preprocess", "inference", "postprocess"}
     assert len(body["top"]) == k

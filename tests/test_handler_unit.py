@@ -300,20 +300,33 @@ def test_bad_config_fails_at_initialize(pose_export):
 # ---------------------------------------------------------------- threads
 
 
-class _YamlContext:
-    def __init__(self, yaml):
-        self.model_yaml_config = yaml
-
-
-@pytest.mark.parametrize("yaml,expected", [({"maxWorkers": 1}, 8), ({"maxWorkers": 3}, 2), ({}, 8), ({"minWorkers": 16}, 1)])
-def test_auto_threads_share_the_cores_among_workers(monkeypatch, yaml, expected):
+@pytest.mark.parametrize("yaml,workers", [({"maxWorkers": 1}, 1), ({"maxWorkers": 3}, 3), ({}, 1), ({"minWorkers": 16}, 16), (None, 1)])
+def test_auto_threads_share_the_usable_cpus_among_workers(monkeypatch, yaml, workers):
     import torch
 
-    from handler.yolo_handler import cpu_threads
+    from handler import cpu_budget, device
 
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert cpu_threads(torch.device("cpu"), _YamlContext(yaml)) == expected
-    assert cpu_threads(torch.device("cuda:0"), _YamlContext(yaml)) == 0
+    monkeypatch.setattr(cpu_budget, "affinity_cpus", lambda: 8)
+    monkeypatch.setattr(cpu_budget, "tightest_quota", lambda *a, **k: None)
+    assert device.workers_of(yaml) == workers
+    before = torch.get_num_threads()
+    try:
+        assert device.set_threads(0, torch.device("cpu"), yaml) == max(1, 8 // workers)
+        assert device.set_threads(3, torch.device("cpu"), yaml) == 3  # torch_threads set: it wins
+        torch.set_num_threads(before)
+        assert device.set_threads(0, torch.device("cuda:0"), yaml) == before  # CUDA: torch left alone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_handler_module_defines_one_class():
+    """TorchServe's loader refuses a handler module that defines more than one class."""
+    import inspect
+
+    import handler.yolo_handler as module
+
+    own = [n for n, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    assert own == ["YoloHandler"]
 
 
 def test_handle_returns_compact_json_text_with_its_content_type(pose_handler, images):

@@ -40,7 +40,7 @@ def test_classify_served_through_torchserve(cls_server, cls_model, sample_images
         r = requests.post(s.predictions_url, data=path.read_bytes(), headers={**h, "Content-Type": "image/jpeg"}, timeout=120)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"model", "task", "image", "top", "speed_ms"} and body["task"] == "classify"
+        assert set(body) == {"model", "model_version", "task", "image", "top", "speed_ms"} and body["task"] == "classify"
         probs = yolo.predict(str(path), imgsz=IMGSZ, verbose=False)[0].probs
         assert [e["class_id"] for e in body["top"]] == probs.top5
         assert max(abs(e["score"] - float(probs.data[e["class_id"]])) for e in body["top"]) <= CLASSIFY_PROB_TOL

@@ -26,7 +26,7 @@ import re
 import sys
 from pathlib import Path
 
-from tools.server import REPO_CONFIG, ServerError, attach, start_server
+from tools.server import REPO_CONFIG, ServerError, attach, rollout_overrides, start_server
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("."), help="where key_file.json, logs/ and tmp/ go (default: the current directory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a READY worker (default 300)")
     p.add_argument("--stop", action="store_true", help="stop the server started from --workdir")
+    p.add_argument("--enable-rollout", action="store_true", help="turn the model API on for `python -m tools.rollout` (loopback "
+                   "management API and token auth as configured; models only from archives inside --model-store, no URLs)")
     return p.parse_args(argv)
 
 
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {what} {path} not found" + ("; build it with `yolo-ts-export --weights W --archive`" if path == mar else ""), file=sys.stderr)
             return EXIT_USAGE
     try:
-        server = start_server(args.model_store, args.workdir, args.model, config, timeout=args.timeout, keep_ports=True)
+        overrides = rollout_overrides(args.model_store) if args.enable_rollout else None
+        server = start_server(args.model_store, args.workdir, args.model, config, timeout=args.timeout, keep_ports=True, overrides=overrides)
     except ServerError as e:
         text = str(e)
         if "worker died" in text:

@@ -260,6 +260,15 @@ class TorchServe:
         psutil.wait_procs(alive, timeout=10)
 
 
+def rollout_overrides(model_store: Path) -> dict[str, str]:
+    """The narrowest config that lets ``tools.rollout`` work: the model API on (it registers, sets the
+    default and unregisters versions), and model URLs restricted to archives directly inside the local
+    model store, so that nothing can be fetched from a URL (ShellTorch, CVE-2023-43654). Token auth and the
+    loopback management address stay as the shipped config has them."""
+    pattern = f"file://{re.escape(str(Path(model_store).resolve()))}/[^/]+\\.mar"
+    return {"enable_model_api": "true", "allowed_urls": pattern.replace("\\", "\\\\")}  # .properties unescapes backslashes
+
+
 def server_env(workdir: Path, tmpdir: Path) -> dict[str, str]:
     """The environment of a TorchServe of ``workdir``: its own TMPDIR (PID file) and TEMP (worker socket)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}
@@ -291,12 +300,14 @@ def start_server(
     block_ultralytics: bool = False,
     timeout: float = 180.0,
     keep_ports: bool = False,
+    overrides: dict[str, str] | None = None,
 ) -> TorchServe:
     """Start TorchServe serving ``model_store/MODEL.mar`` as ``MODEL`` and wait until it is READY.
 
     ``keep_ports=False`` (tests, demo, benchmark) serves on free loopback ports; ``keep_ports=True``
     (``yolo-ts-serve``) keeps the addresses of ``config`` (and its ``model_store`` when ``model_store``
     is None). Either way the ports are checked first, and :class:`ServerError` says which are busy.
+    ``overrides`` sets config.properties keys on top (e.g. :func:`rollout_overrides`).
 
     ``block_ultralytics=True`` puts a ``sitecustomize.py`` on the server's ``PYTHONPATH`` that makes
     any ``import ultralytics`` raise ImportError, in the frontend's Python launcher and in the workers.
@@ -312,6 +323,8 @@ def start_server(
     else:  # free loopback ports (tests, demo, benchmark)
         ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
         text = server_properties(Path(config), ports, Path(model_store).resolve(), f"{model}.mar")
+    if overrides:
+        text = server_properties_text(text, overrides)
     busy = busy_ports(configured_ports(text))
     if busy:  # before TorchServe starts: a failed `torchserve --start` still rewrites key_file.json
         raise ServerError(

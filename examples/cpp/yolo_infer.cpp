@@ -400,7 +400,9 @@ int main(int argc, char** argv) {
     auto rows = dets[0].narrow(0, 0, count).to(torch::kFloat64).contiguous();
     auto r = rows.accessor<double, 2>();
     std::ostringstream js;
-    js << "{\"model\": " << json_string(meta.at("name").string) << ", \"task\": " << json_string(meta.at("task").string)
+    js << "{\"model\": " << json_string(meta.at("name").string)
+       << ", \"model_version\": " << json_string(meta.at("model_version").string)
+       << ", \"task\": " << json_string(meta.at("task").string)
        << ", \"image\": {\"width\": " << p.orig_w << ", \"height\": " << p.orig_h << "}, \"detections\": [";
     for (int64_t i = 0; i < count; ++i) {
       auto class_id = static_cast<int64_t>(r[i][5]);

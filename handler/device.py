@@ -1,0 +1,53 @@
+"""Where a worker runs: its device (the GPU TorchServe gave it, or the CPU) and its torch threads.
+
+The thread count of ``torch_threads: 0`` (auto) is :func:`handler.cpu_budget.auto_threads`: the CPUs this
+process may really use (affinity, capped by a cgroup CPU quota), divided among the model's workers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from handler.cpu_budget import auto_threads
+
+logger = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
+
+
+class CudaUnavailableError(RuntimeError):
+    """TorchServe gave this worker a GPU, and CUDA cannot serve on it."""
+
+
+def select_device(gpu_id: int | None) -> torch.device:
+    """``cuda:{gpu_id}`` when TorchServe gave the worker a GPU, CPU when it gave none (a CPU host).
+    Raises :class:`CudaUnavailableError` when there is a GPU id but CUDA is not usable."""
+    if gpu_id is None:
+        return CPU
+    if not torch.cuda.is_available():
+        raise CudaUnavailableError(
+            f"TorchServe assigned GPU {gpu_id} to this worker, but CUDA is not available "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False: no driver, or a CPU-only torch)"
+        )
+    return torch.device(f"cuda:{gpu_id}")
+
+
+def workers_of(model_yaml: dict | None) -> int:
+    """The model's worker count from its model-config.yaml (``maxWorkers``, else ``minWorkers``, else 1)."""
+    yaml = model_yaml or {}
+    return max(1, int(yaml.get("maxWorkers") or yaml.get("minWorkers") or 1))
+
+
+def set_threads(configured: int, device: torch.device, model_yaml: dict | None) -> int:
+    """``torch.set_num_threads``: ``configured`` when set (``torch_threads``), else on CPU the auto choice
+    (logged with its reason); on CUDA torch is left alone. Returns the count in force."""
+    if configured:
+        torch.set_num_threads(configured)
+        logger.info("torch threads: %d (handler.torch_threads)", configured)
+    elif device.type == "cpu":
+        choice = auto_threads(workers_of(model_yaml))
+        torch.set_num_threads(choice.threads)
+        logger.info("torch threads: %d (auto: %s)", choice.threads, choice.reason)
+    return torch.get_num_threads()

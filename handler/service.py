@@ -18,17 +18,18 @@ import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import torch
 
+from handler import oip
 from handler.config import HandlerConfig
 from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
 from handler.pipeline import StageTimes, YoloPipeline, load_artifacts
 from handler.request import parse_request
-from handler.response import ModelInfo, response_body
+from handler.response import ModelInfo, encode_response, response_body
 from handler.tasks import Prepared, ResponseOptions
 
 logger = logging.getLogger(__name__)
@@ -135,14 +136,35 @@ class YoloService:
             bodies.append(response_body(self.info, it.width, it.height, self.task.results_key, results, speed))
         return bodies, times
 
-    def handle(self, rows: Sequence[Any], content_types: Sequence[str | None] | None = None) -> BatchResult:
-        """Answer a batch of request rows (TorchServe's layout, see ``handler/request.py``)."""
+    def handle(
+        self,
+        rows: Sequence[Any],
+        content_types: Sequence[str | None] | None = None,
+        headers: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> BatchResult:
+        """Answer a batch of request rows (TorchServe's layout, see ``handler/request.py``).
+
+        A row whose body is an Open Inference Protocol (KServe v2) inference request (``handler/oip.py``;
+        ``headers``: each request's headers, for the binary data extension) gets its answer in v2 shape:
+        the response JSON inside a v2 response, or ``{"error": "<message>"}`` with its own status.
+        """
         content_types = content_types or [None] * len(rows)
+        headers = headers or [None] * len(rows)
         answers: list[Answer | None] = [None] * len(rows)
+        v2: dict[int, oip.V2Request] = {}
         items: list[PreparedRequest] = []
         for idx, row in enumerate(rows):
+            content_type = content_types[idx]
             try:
-                items.append(self.prepare(row, content_types[idx], idx))
+                request = oip.parse_v2_request(row, headers[idx])
+            except RequestError as e:  # a malformed v2 body
+                answers[idx] = self._reject(idx, e, v2=True)
+                continue
+            if request is not None:
+                v2[idx] = request
+                row, content_type = request.as_row(), None  # raw image bytes now, whatever the Content-Type said
+            try:
+                items.append(self.prepare(row, content_type, idx))
             except RequestError as e:
                 answers[idx] = self._reject(idx, e)
             except Exception:  # noqa: BLE001 - our bug; this request alone fails, the batch goes on
@@ -153,6 +175,8 @@ class YoloService:
             bodies, result.times = self.infer(items)
             for it, body in zip(items, bodies):
                 answers[it.idx] = Answer(int(HTTPStatus.OK), body)
+        for idx, request in v2.items():
+            answers[idx] = self._v2_answer(answers[idx], request)
         result.answers = answers  # type: ignore[assignment]  # every slot is filled now
         return result
 
@@ -172,13 +196,24 @@ class YoloService:
             "format": meta.get("format"),
             "contract": meta.get("contract"),
             "exported_with": meta.get("versions"),
+            # Open Inference Protocol model metadata: TorchServe's REST frontend answers no GET /v2/models/NAME
+            "v2": oip.v2_model_metadata(self.info.name, self.info.version, meta),
         }
+
+    def _v2_answer(self, answer: Answer, request: oip.V2Request) -> Answer:
+        """A plain answer -> the same answer in v2 shape (the result JSON text inside the ``result`` output)."""
+        if answer.status != HTTPStatus.OK:
+            return Answer(answer.status, oip.v2_error(answer.body["error"]["message"]), answer.phrase)
+        body = oip.v2_response(encode_response(answer.body), self.info.name, self.info.version, request.request_id)
+        return Answer(answer.status, body, answer.phrase)
 
     def predict(self, image: bytes, **params: Any) -> Answer:
         """One request: the encoded image file and its parameters (``conf=0.5``, ``classes="person"``, ...)."""
         return self.handle([{"body": bytearray(image), **params}]).answers[0]
 
     @staticmethod
-    def _reject(idx: int, error: RequestError) -> Answer:
-        logger.info("request %d of the batch rejected: %d %s: %s", idx, error.status, error.type, error.message)
+    def _reject(idx: int, error: RequestError, v2: bool = False) -> Answer:
+        logger.info("%srequest %d of the batch rejected: %d %s: %s", "v2 " if v2 else "", idx, error.status, error.type, error.message)
+        if v2:
+            return Answer(int(error.status), oip.v2_error(error.message), error.phrase)
         return Answer.error(error)

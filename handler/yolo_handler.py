@@ -94,7 +94,11 @@ class YoloHandler(BaseHandler):
         A describe request (``GET /models/NAME?customized=true``) gets :meth:`YoloService.describe`."""
         if _header(context, 0, "describe") == "True":
             return [encode_response(self.service.describe())]
-        batch = self.service.handle(data, [_content_type(context, idx) for idx in range(len(data))])
+        batch = self.service.handle(
+            data,
+            [_content_type(context, idx) for idx in range(len(data))],
+            [_all_headers(context, idx) for idx in range(len(data))],
+        )
         for idx, answer in enumerate(batch.answers):
             if answer.status != 200:
                 context.set_response_status(answer.status, answer.phrase, idx)
@@ -112,6 +116,14 @@ def _header(context, idx: int, name: str):
     """A request header (or TorchServe's per-parameter header dict) of request ``idx``, None when absent."""
     try:
         return context.get_request_header(idx, name)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+def _all_headers(context, idx: int) -> dict | None:
+    """Every header of request ``idx`` as TorchServe recorded it (the client's spelling), None when absent."""
+    try:
+        return context.get_all_request_header(idx)
     except (AttributeError, IndexError, KeyError, TypeError):
         return None
 

@@ -10,6 +10,24 @@ Contract of the traced ``backbone.pt``:
 Nothing that depends on H or W (anchors, strides, decode) is inside: that is the postprocessor's
 job, so one trace serves every input size. Classify models trace :class:`export.classify.ClassifyLogits`
 instead (contract in ``export/classify.py``); :func:`raw_network` picks.
+
+The three whole-network tasks trace the model's own eval forward:
+  semantic  (:class:`WholeNetwork`) a 1-tuple ``(logits: float32[B, nc, H / 8, W / 8],)``: the ``SemanticSegment``
+            head's class logits, before any upsampling (eval mode, not Ultralytics' export mode, which
+            upsamples x8 and may bake an argmax in). Any H, W (multiples of ``max_stride``).
+  depth     (:class:`WholeNetwork`) a 1-tuple ``(depth: float32[B, 1, H / 4, W / 4],)``: the ``Depth`` head's eval
+            output, ``exp(cal_a * clamp(log_depth, -4, 5) + cal_b)``, metres, > 0, calibration applied, before
+            the x4 upsampling (which only Ultralytics' export mode does, align_corners=True, the same that
+            ``DepthPredictor.postprocess`` does from this tensor). Any H, W (multiples of ``max_stride``).
+  rtdetr    (:class:`RTDETRQueries`) a 1-tuple ``(queries: float32[B, Q, 4 + nc],)`` with ``Q = num_queries`` (300):
+            the last decoder layer's boxes, normalised ``cx, cy, w, h`` in ``[0, 1]`` of the network input, then
+            the ``nc`` sigmoid class scores; before ``RTDETRDecoder.postprocess``'s top-k over (query, class)
+            pairs, which is the postprocessor's (``export/rtdetr.py``). Any B, any H, W (multiples of
+            ``max_stride``): the tracer records the anchors, the AIFI positional embedding and the deformable
+            attention's level sizes as functions of the input size (tests/test_new_tasks.py: traced at 640x640,
+            run at 480x640 and 320x320, equal to eager), *provided* the head's anchor cache is cold when it is
+            traced; :class:`RTDETRQueries` clears it on every call (a warm cache makes the trace bake
+            ``8400`` anchors in, and it fails at any other size).
 """
 
 from __future__ import annotations
@@ -20,8 +38,10 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from export.checkpoint import LoadedModel
+from export.checkpoint import RTDETR_TASK, LoadedModel
 from export.classify import ClassifyLogits
+
+WHOLE_NETWORK_TASKS = ("semantic", "depth")  # traced as WholeNetwork
 
 
 class RawHead(nn.Module):
@@ -68,9 +88,45 @@ class RawHead(nn.Module):
         return tuple(outs)
 
 
+class WholeNetwork(nn.Module):
+    """A fused semantic or depth model whose eval forward already returns the one raw tensor we serve
+    (``SemanticSegment``: logits ``[B, nc, H / 8, W / 8]``; ``Depth``: metres ``[B, 1, H / 4, W / 4]``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        return (self.model(x),)
+
+
+class RTDETRQueries(nn.Module):
+    """A fused ``RTDETRDetectionModel`` that returns the decoder's queries ``[B, Q, 4 + nc]`` (normalised
+    cxcywh, sigmoid scores) instead of the head's eval output ``(top-k [B, Q, 6], raw)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        # RTDETRDecoder caches its anchors per feature size in Python (head.shapes / head.anchors); a trace
+        # taken with a warm cache would hold them as a constant. Cold, the trace computes them from x's size.
+        self.model.model[-1].shapes = []
+        _, raw = self.model(x)  # eval: (postprocessed, (dec_bboxes, dec_scores, enc_bboxes, enc_scores, dn_meta))
+        boxes, logits = raw[0][-1], raw[1][-1]  # last decoder layer: [B, Q, 4] sigmoid boxes, [B, Q, nc] logits
+        return (torch.cat((boxes, logits.sigmoid()), -1),)  # [B, Q, 4 + nc], the head's own sigmoid
+
+
 def raw_network(loaded: LoadedModel) -> nn.Module:
-    """The eager module that ``backbone.pt`` traces: :class:`ClassifyLogits` for classify, else :class:`RawHead`."""
-    return ClassifyLogits(loaded.model) if loaded.task == "classify" else RawHead(loaded)
+    """The eager module that ``backbone.pt`` traces: :class:`ClassifyLogits` for classify, :class:`WholeNetwork`
+    for semantic and depth, :class:`RTDETRQueries` for RT-DETR, else :class:`RawHead`."""
+    if loaded.task == "classify":
+        return ClassifyLogits(loaded.model)
+    if loaded.task in WHOLE_NETWORK_TASKS:
+        return WholeNetwork(loaded.model)
+    if loaded.task == RTDETR_TASK:
+        return RTDETRQueries(loaded.model)
+    return RawHead(loaded)
 
 
 def trace_backbone(loaded: LoadedModel, example_hw: tuple[int, int]) -> torch.jit.ScriptModule:

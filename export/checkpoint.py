@@ -22,8 +22,13 @@ from export.postprocess import (
 )
 
 HeadChoice = Literal["auto", "one2many", "one2one"]
-SUPPORTED_TASKS = ("detect", "pose", "segment", "obb", "classify")
+# The served tasks. Ultralytics calls an RT-DETR model's task "detect"; we serve it as "rtdetr", because its
+# transform (a stretch, not a letterbox) and its postprocessor differ from YOLO detect's; the response is detect's.
+RTDETR_TASK = "rtdetr"
+SUPPORTED_TASKS = ("detect", "pose", "segment", "obb", "classify", "semantic", "depth", RTDETR_TASK)
 SUPPORTED_HEADS = ("Detect", "v10Detect", "Pose", "Pose26", "Segment", "Segment26", "OBB", "OBB26")
+# Tasks whose whole network is traced (export/backbone.py, WholeNetwork / RTDETRQueries), with the one head each
+WHOLE_NETWORK_HEADS = {"semantic": "SemanticSegment", "depth": "Depth", RTDETR_TASK: "RTDETRDecoder"}
 
 
 class ExportError(Exception):
@@ -37,8 +42,9 @@ class LoadedModel:
     source: str  # the --weights argument as given
     path: Path  # the file it resolved to
     seed: int  # seed of a YAML build
-    model: nn.Module  # ultralytics DetectionModel / PoseModel / SegmentationModel / OBBModel / ClassificationModel, fused
-    task: str  # "detect" | "pose" | "segment" | "obb" | "classify"
+    model: nn.Module  # ultralytics DetectionModel / PoseModel / SegmentationModel / OBBModel / ClassificationModel /
+    #                   SemanticSegmentationModel / DepthModel / RTDETRDetectionModel, fused
+    task: str  # one of SUPPORTED_TASKS ("rtdetr" for an RT-DETR detector, which Ultralytics calls "detect")
     names: list[str]  # class names, index = class id
     strides: list[float]  # per detection level, e.g. [8, 16, 32]
     reg_max: int
@@ -50,6 +56,7 @@ class LoadedModel:
     predict_imgsz: int | list[int] | None = None  # the imgsz YOLO(weights).predict() uses (checkpoint args or 640)
     nm: int = 0  # mask coefficients per detection (segment models)
     angle_decode: int = ANGLE_DECODE_NONE  # one of export.postprocess.ANGLE_DECODE_* (obb models)
+    num_queries: int = 0  # RT-DETR: decoder queries per image (the backbone's [B, num_queries, 4 + nc]), else 0
 
     @property
     def nc(self) -> int:
@@ -87,12 +94,33 @@ def _resolve_source(weights: str) -> Path | None:
     return None
 
 
-def build_yolo(weights: str, src: Path, seed: int):
-    """``ultralytics.YOLO`` for ``weights``; a YAML build is seeded, so two calls give the same weights."""
-    from ultralytics import YOLO
+def _yaml_has_rtdetr_head(src: Path) -> bool:
+    """True when the model YAML ``src`` ends in an ``RTDETRDecoder`` head (``rtdetr-l.yaml``, ``yolov8-rtdetr.yaml``)."""
+    from ultralytics.nn.tasks import yaml_model_load
 
+    try:
+        layers = yaml_model_load(src).get("head") or []
+    except Exception:  # noqa: BLE001 - an unreadable YAML is reported by the YOLO build that follows
+        return False
+    return any(len(layer) > 2 and str(layer[2]) == "RTDETRDecoder" for layer in layers)
+
+
+def build_yolo(weights: str, src: Path, seed: int):
+    """``ultralytics.YOLO`` for ``weights``, or ``ultralytics.RTDETR`` when the model has an ``RTDETRDecoder``
+    head (``YOLO`` refuses an RT-DETR YAML, and serves an RT-DETR checkpoint with the wrong predictor); a YAML
+    build is seeded, so two calls give the same weights."""
+    from ultralytics import RTDETR, YOLO
+
+    arg = str(src) if src.suffix == ".pt" else weights  # a YAML name keeps its scale letter
+    rtdetr_yaml = src.suffix != ".pt" and _yaml_has_rtdetr_head(src)
     torch.manual_seed(seed)
-    return YOLO(str(src) if src.suffix == ".pt" else weights)  # a YAML name keeps its scale letter
+    if rtdetr_yaml:
+        return RTDETR(arg)
+    yolo = YOLO(arg)
+    if type(yolo.model.model[-1]).__name__ == "RTDETRDecoder":  # an RT-DETR checkpoint: its own predictor
+        torch.manual_seed(seed)
+        return RTDETR(arg)
+    return yolo
 
 
 def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> LoadedModel:
@@ -119,11 +147,15 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
     except Exception as e:  # noqa: BLE001 - anything Ultralytics raises on a bad file is the user's input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{weights}: not an Ultralytics checkpoint ({first})") from None
-    task = yolo.task
+    task = RTDETR_TASK if type(yolo.model.model[-1]).__name__ == "RTDETRDecoder" else yolo.task
     if task not in SUPPORTED_TASKS:
         raise ExportError(f"{weights}: task '{task}' is not supported yet (supported: {', '.join(SUPPORTED_TASKS)})")
     if task == "classify":
         return _classifier(yolo, weights, src, seed)
+    if task in WHOLE_NETWORK_HEADS:
+        if head != "auto":
+            raise ExportError(f"{weights}: --head {head} applies to YOLO detection heads; a {task} model takes --head auto")
+        return _whole_network(yolo, task, weights, src, seed)
     model = yolo.model
     head_module = model.model[-1]
     head_type = type(head_module).__name__
@@ -201,4 +233,34 @@ def _classifier(yolo, weights: str, src: Path, seed: int) -> LoadedModel:
         head_type=head_type,
         weights_sha256=sha256_of(src),
         predict_imgsz=_predict_imgsz(yolo),
+    )
+
+
+def _whole_network(yolo, task: str, weights: str, src: Path, seed: int) -> LoadedModel:
+    """A fused semantic (``SemanticSegment``), depth (``Depth``) or RT-DETR (``RTDETRDecoder``) model: the
+    backbone traces the whole network (export/backbone.py), so no per-level decode facts are needed."""
+    head_type = type(yolo.model.model[-1]).__name__
+    expected = WHOLE_NETWORK_HEADS[task]
+    if head_type != expected:
+        raise ExportError(f"{weights}: {task} head {head_type!r} is not supported (supported: {expected})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = yolo.model.float().eval().fuse(verbose=False)
+    head_module = model.model[-1]
+    return LoadedModel(
+        source=weights,
+        path=src,
+        seed=seed,
+        model=model,
+        task=task,
+        names=class_names(model),
+        strides=[float(s) for s in model.stride],  # [32.0]: the input must be a multiple of the deepest stride
+        reg_max=0,
+        end2end=task == RTDETR_TASK,  # NMS-free
+        kpt_shape=None,
+        kpt_decode=KPT_DECODE_NONE,
+        head_type=head_type,
+        weights_sha256=sha256_of(src),
+        predict_imgsz=_predict_imgsz(yolo),
+        num_queries=int(head_module.num_queries) if task == RTDETR_TASK else 0,
     )

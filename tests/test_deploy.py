@@ -916,3 +916,13 @@ def test_kserve_layout_serves_without_token_and_without_the_envelope(tmp_path, d
         assert r.status_code == 200, r.text
         # the kservev2 envelope (which KServe's env asks for) would have failed on a raw image body
         assert r.json()["task"] == "pose" and r.json()["detections"]
+        # the Open Inference Protocol through a real v2 client, as the KServe wrapper forwards it (no token)
+        httpclient = pytest.importorskip("tritonclient.http")
+        import numpy as np
+        from serving_support import assert_same_response
+
+        client = httpclient.InferenceServerClient(server.inference_url.split("//", 1)[1])
+        image = httpclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([_bus_jpg()], dtype=object))
+        answer = client.infer("yolo", [image])
+        assert_same_response(json.loads(answer.as_numpy("result")[0]), r.json())

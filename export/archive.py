@@ -73,7 +73,7 @@ _HANDLER_COMMENTS = {
     "half": "FP16 on CUDA; ignored with a warning on CPU",
     "max_image_pixels": "larger images get HTTP 413; 0 = no limit",
     "warmup": "forward passes when the worker loads",
-    "torch_threads": "torch.set_num_threads; 0 = auto (on CPU: cores / maxWorkers)",
+    "torch_threads": "torch.set_num_threads; 0 = auto (on CPU: usable CPUs (affinity, cgroup quota) / maxWorkers, see docs/deploy.md)",
     "cpu_fallback": "GPU worker with unusable CUDA: serve on CPU (true) or fail the load (false)",
 }
 

@@ -11,7 +11,7 @@ Example (every key optional; these are the defaults)::
       half: false             # FP16 on CUDA; ignored with a warning on CPU
       max_image_pixels: 40000000  # larger images get HTTP 413; 0 = no limit
       warmup: 2               # forward passes at load time
-      torch_threads: 0        # torch.set_num_threads; 0 = auto (on CPU: cores / maxWorkers)
+      torch_threads: 0        # torch.set_num_threads; 0 = auto (on CPU: usable CPUs (affinity, cgroup quota) / maxWorkers)
       cpu_fallback: false     # a GPU worker whose CUDA is unusable serves on CPU (loud log + metric) instead of failing
 
 :meth:`HandlerConfig.from_dict` raises ``ValueError`` naming the key and what to write instead, so a
@@ -68,7 +68,7 @@ class HandlerConfig:
     half: bool = False
     max_image_pixels: int = 40_000_000
     warmup: int = 2
-    torch_threads: int = 0  # 0: auto, see yolo_handler.cpu_threads
+    torch_threads: int = 0  # 0: auto, see handler/device.py set_threads
     cpu_fallback: bool = False  # see yolo_handler.YoloHandler.initialize
 
     @classmethod

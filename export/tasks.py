@@ -15,10 +15,13 @@ from typing import Callable
 
 from torch import nn
 
-from export import verify
+from export import verify, verify_tasks
 from export.checkpoint import ExportError, LoadedModel
 from export.classify import ClassifyPostprocess
+from export.depth import DepthPostprocess
 from export.postprocess import YoloPostprocess
+from export.rtdetr import RTDETRPostprocess
+from export.semantic import SemanticPostprocess
 from handler.decode import decode_image
 from handler.pipeline import YoloPipeline
 
@@ -61,6 +64,17 @@ def check_classify(loaded: LoadedModel, pipeline: YoloPipeline, images: list[Pat
     log(f"    {', '.join(f'{p.name}: top-5 equal, max |dp| {d:.2e}' for p, d in zip(images, diffs))}")
 
 
+def check_dense(loaded: LoadedModel, pipeline: YoloPipeline, images: list[Path], step: Step, log: Log) -> None:
+    """Checks 2 and 3 for semantic, depth and RT-DETR (``export/verify_tasks.py``): the transform pixel-equal to the
+    predictor's, the decode on the same raw tensors, and the pipeline against ``predict``."""
+    with step(f"check {loaded.task} transform, decode, predict == Ultralytics"):
+        lines = verify_tasks.run_checks(
+            loaded, pipeline.backbone, pipeline.postprocess, images, pipeline.imgsz, pipeline.letterbox_mode or "rect"
+        )
+    for line in lines:
+        log(f"    {line}")
+
+
 @dataclass(frozen=True)
 class ExportTask:
     """How ``python -m export`` handles the models of one task."""
@@ -84,6 +98,19 @@ EXPORT_TASKS: dict[str, ExportTask] = {
         letterbox=False,
         aoti=False,
         head=lambda loaded: "Classify (softmax top-k)",
+    ),
+    "semantic": ExportTask(
+        lambda loaded: SemanticPostprocess(loaded.nc), check_dense, aoti=False, head=lambda loaded: "SemanticSegment (per-pixel argmax)"
+    ),
+    "depth": ExportTask(
+        lambda loaded: DepthPostprocess(), check_dense, letterbox=False, aoti=False, head=lambda loaded: "Depth (metres)"
+    ),
+    "rtdetr": ExportTask(
+        lambda loaded: RTDETRPostprocess(loaded.nc, loaded.num_queries),
+        check_dense,
+        letterbox=False,
+        aoti=False,
+        head=lambda loaded: "RTDETRDecoder (NMS-free top-k)",
     ),
 }
 

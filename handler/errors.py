@@ -71,3 +71,32 @@ class InternalError(RequestError):
 
     status = HTTPStatus.INTERNAL_SERVER_ERROR
     type = "internal_error"
+
+
+class ResponseTooLarge(RequestError):
+    """The answer in the requested encoding would exceed the response limit (413); the message names a smaller one."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    type = "response_too_large"
+
+
+# A stream's failure (``handler.tracking.StreamError.kind``) -> (HTTP status, error type). Only that request
+# fails; the stream itself goes on where it still exists (``docs/tracking.md``, "Errors").
+STREAM_ERRORS: dict[str, tuple[int, str]] = {
+    "unknown": (HTTPStatus.NOT_FOUND, "unknown_stream"),  # never started on this worker
+    "restarted": (HTTPStatus.GONE, "stream_restarted"),  # started on an earlier process of this worker
+    "expired": (HTTPStatus.GONE, "stream_expired"),  # idle longer than tracking.idle_seconds
+    "ended": (HTTPStatus.GONE, "stream_ended"),  # the client ended it
+    "too_many": (HTTPStatus.TOO_MANY_REQUESTS, "too_many_streams"),  # tracking.max_streams are open
+    "exists": (HTTPStatus.CONFLICT, "stream_exists"),
+}
+
+
+class StreamUnavailable(RequestError):
+    """A request names a stream this worker cannot continue, or would open one stream too many
+    (404, 409, 410 or 429 by ``kind``, see :data:`STREAM_ERRORS`)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status, self.type = STREAM_ERRORS[kind]

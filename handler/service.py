@@ -9,13 +9,20 @@ directly, and so can any other frontend::
 
 A batch (:meth:`YoloService.handle`) answers every request on its own: a request that cannot be read
 gets its own 4xx (or a 500 for our own bug), and the others still run in one batched forward.
+
+Video streams (``handler/video.py``, ``docs/tracking.md``): a request with ``track=bytetrack|botsort``
+starts a stream, ``stream=<id>`` continues it, ``end=true`` ends it; its answer carries ``"stream"`` and a
+``track_id`` per detection, and the header ``X-Stream-Id`` (:attr:`Answer.headers`)::
+
+    first = service.predict(frame0_png, track="botsort")           # first.body["stream"]["id"] == "trk-..."
+    nxt = service.predict(frame1_png, stream=first.body["stream"]["id"])
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,24 +31,27 @@ import cv2
 import torch
 
 from handler import oip
-from handler.config import HandlerConfig
+from handler.config import HandlerConfig, TrackingConfig
 from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
 from handler.pipeline import StageTimes, YoloPipeline, load_artifacts
 from handler.request import parse_request
 from handler.response import ModelInfo, encode_response, response_body
 from handler.tasks import Prepared, ResponseOptions
+from handler.video import STREAM_HEADER, StreamPlan, TrackedFrame, VideoStreams
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Answer:
-    """One request's answer: HTTP status, its reason phrase and the JSON body."""
+    """One request's answer: HTTP status, its reason phrase, the JSON body and response headers of its own
+    (a tracked frame's ``X-Stream-Id``)."""
 
     status: int
     body: dict
     phrase: str = "OK"
+    headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def error(cls, error: RequestError) -> "Answer":
@@ -53,11 +63,12 @@ class PreparedRequest:
     """A request of the batch that passed parsing and decoding, waiting for the batched forward."""
 
     idx: int  # position in the batch
-    prepared: Prepared  # transformed pixels, geometry, the task's options
+    prepared: Prepared | None  # transformed pixels, geometry, the task's options; None: a stream's end without a frame
     width: int  # original image size
     height: int
     preprocess_ms: float  # parse + decode + transform of this request
     options: ResponseOptions | None = None  # what the response carries besides the results
+    tracked: TrackedFrame | None = None  # a tracked request's stream and frame
 
 
 @dataclass
@@ -74,13 +85,21 @@ class YoloService:
     """An exported model, ready to answer requests."""
 
     def __init__(
-        self, pipeline: YoloPipeline, config: HandlerConfig = HandlerConfig(), name: str | None = None, version: str | None = None
+        self,
+        pipeline: YoloPipeline,
+        config: HandlerConfig = HandlerConfig(),
+        name: str | None = None,
+        version: str | None = None,
+        tracking: TrackingConfig = TrackingConfig(),
     ) -> None:
         self.pipeline = pipeline
         self.config = config
         self.task = pipeline.task
         self.info = ModelInfo.from_metadata(pipeline.metadata, name, version)
         self.defaults = self.task.default_options(config)
+        self.tracking = tracking
+        self.streams = VideoStreams(tracking, self.task.trackable, self.task.name)  # this process's video streams
+        self.tracked_defaults = self.task.tracking_defaults(config, tracking.conf) if self.task.trackable else None
 
     @classmethod
     def from_dir(
@@ -90,9 +109,11 @@ class YoloService:
         device: torch.device | str = "cpu",
         name: str | None = None,
         version: str | None = None,
+        tracking: TrackingConfig = TrackingConfig(),
     ) -> "YoloService":
         """Load ``backbone.pt`` + ``postprocess.pt`` from ``model_dir`` with the ``handler:`` settings
-        ``config``; raises ``ValueError`` (bad settings) or ``ArtifactError`` (bad files) at load time."""
+        ``config`` (and the ``tracking:`` ones); raises ``ValueError`` (bad settings) or ``ArtifactError`` (bad
+        files) at load time."""
         device = torch.device(device)
         half = config.half
         if half and device.type != "cuda":
@@ -109,12 +130,24 @@ class YoloService:
             imgsz=list(config.imgsz) if config.imgsz else None,
             letterbox_mode=config.letterbox,
         )
-        return cls(pipeline, config, name, version)
+        return cls(pipeline, config, name, version, tracking)
 
-    def prepare(self, row: Any, content_type: str | None = None, idx: int = 0) -> PreparedRequest:
-        """Parse, decode and transform one request row; raises :class:`RequestError` for a bad request."""
+    def prepare(
+        self, row: Any, content_type: str | None = None, idx: int = 0, headers: Mapping[str, Any] | None = None
+    ) -> PreparedRequest:
+        """Parse, decode and transform one request row; raises :class:`RequestError` for a bad request.
+
+        A tracked request's stream is checked before its frame is decoded (a lost stream is refused at once)
+        and opened after (a frame that does not decode leaves the stream as it was)."""
         t0 = time.perf_counter()
-        parsed = parse_request(row, self.task, self.defaults, self.pipeline.names, content_type)
+        parsed = parse_request(
+            row, self.task, self.defaults, self.pipeline.names, content_type,
+            tracked_defaults=self.tracked_defaults, stream_header=oip.header(headers, STREAM_HEADER),
+        )
+        plan: StreamPlan | None = self.streams.check(parsed.stream) if parsed.stream is not None else None
+        if parsed.image is None:  # the end of a stream without a last frame (the parser allows nothing else)
+            tracked = self.streams.open(plan, None)
+            return PreparedRequest(idx, None, 0, 0, (time.perf_counter() - t0) * 1000, parsed.response, tracked)
         try:
             image = decode_image(parsed.image, self.config.max_image_pixels)
         except (ImageDecodeError, ImageTooLargeError) as e:
@@ -122,18 +155,30 @@ class YoloService:
         except cv2.error as e:  # OpenCV can throw on malformed files instead of returning None
             raise InvalidImage(f"could not decode the image: {str(e).strip().splitlines()[-1]}") from None
         prepared = self.pipeline.prepare(image, parsed.options)
+        tracked = self.streams.open(plan, image) if plan is not None else None
         h, w = image.shape[:2]
-        return PreparedRequest(idx, prepared, w, h, (time.perf_counter() - t0) * 1000, parsed.response)
+        return PreparedRequest(idx, prepared, w, h, (time.perf_counter() - t0) * 1000, parsed.response, tracked)
 
-    def infer(self, items: list[PreparedRequest]) -> tuple[list[dict], StageTimes]:
-        """The response bodies of prepared requests, run in one call of the pipeline."""
+    def infer(self, items: list[PreparedRequest]) -> tuple[list[dict | RequestError], StageTimes]:
+        """The response bodies of prepared requests, run in one call of the pipeline; a request whose answer
+        cannot be given as asked (e.g. ``encoding=float32`` over the response limit) gets its error instead."""
         outputs, times = self.pipeline.infer([it.prepared for it in items])
         n = max(1, len(items))
-        bodies = []
-        for it, out in zip(items, outputs):
+        bodies: list[dict | RequestError] = []
+        for it, out in zip(items, outputs):  # request order: two frames of one stream are tracked in order
             speed = {"preprocess": it.preprocess_ms, "inference": times.inference / n, "postprocess": times.postprocess / n}
-            results = self.task.to_json(out, self.info, it.options)
-            bodies.append(response_body(self.info, it.width, it.height, self.task.results_key, results, speed))
+            if it.tracked is not None:
+                t0 = time.perf_counter()
+                tracks = self.streams.track(it.tracked, self.task.tracker_detections(out))
+                out = self.task.with_tracks(out, tracks, it.height, it.width)
+                speed["tracking"] = (time.perf_counter() - t0) * 1000
+            try:
+                results = self.task.to_json(out, self.info, it.options)
+            except RequestError as e:
+                bodies.append(e)
+                continue
+            body = response_body(self.info, it.width, it.height, self.task.results_key, results, speed)
+            bodies.append(body if it.tracked is None else _with_stream(body, it.tracked.describe()))
         return bodies, times
 
     def handle(
@@ -151,6 +196,9 @@ class YoloService:
         content_types = content_types or [None] * len(rows)
         headers = headers or [None] * len(rows)
         answers: list[Answer | None] = [None] * len(rows)
+        expired = self.streams.expire_idle()
+        if expired:
+            logger.info("%d stream(s) expired after %g s without a frame", len(expired), self.tracking.idle_seconds)
         v2: dict[int, oip.V2Request] = {}
         items: list[PreparedRequest] = []
         for idx, row in enumerate(rows):
@@ -164,7 +212,11 @@ class YoloService:
                 v2[idx] = request
                 row, content_type = request.as_row(), None  # raw image bytes now, whatever the Content-Type said
             try:
-                items.append(self.prepare(row, content_type, idx))
+                item = self.prepare(row, content_type, idx, headers[idx])
+                if item.prepared is None:  # a stream's end without a frame: answered here, no forward
+                    answers[idx] = self._stream_answer(_with_stream(self._info_body(), item.tracked.describe()), item)
+                else:
+                    items.append(item)
             except RequestError as e:
                 answers[idx] = self._reject(idx, e)
             except Exception:  # noqa: BLE001 - our bug; this request alone fails, the batch goes on
@@ -174,7 +226,7 @@ class YoloService:
         if items:
             bodies, result.times = self.infer(items)
             for it, body in zip(items, bodies):
-                answers[it.idx] = Answer(int(HTTPStatus.OK), body)
+                answers[it.idx] = self._reject(it.idx, body) if isinstance(body, RequestError) else self._stream_answer(body, it)
         for idx, request in v2.items():
             answers[idx] = self._v2_answer(answers[idx], request)
         result.answers = answers  # type: ignore[assignment]  # every slot is filled now
@@ -196,16 +248,41 @@ class YoloService:
             "format": meta.get("format"),
             "contract": meta.get("contract"),
             "exported_with": meta.get("versions"),
+            "tracking": self._describe_tracking(),
             # Open Inference Protocol model metadata: TorchServe's REST frontend answers no GET /v2/models/NAME
             "v2": oip.v2_model_metadata(self.info.name, self.info.version, meta),
         }
+
+    def _describe_tracking(self) -> dict | None:
+        """How to stream video to this model (None: it does not track, or tracking is off)."""
+        if not (self.task.trackable and self.tracking.enabled):
+            return None
+        return {
+            "parameters": ["track", "stream", "end"],
+            "trackers": {"bytetrack": asdict(self.tracking.bytetrack), "botsort": asdict(self.tracking.botsort)},
+            "default_tracker": self.tracking.tracker,
+            "conf": self.tracking.conf,
+            "max_streams": self.tracking.max_streams,
+            "idle_seconds": self.tracking.idle_seconds,
+            "header": STREAM_HEADER,
+        }
+
+    def _info_body(self) -> dict:
+        """The keys every answer starts with (an answer without a frame has nothing else)."""
+        return {"model": self.info.name, "model_version": self.info.version, "task": self.info.task}
+
+    @staticmethod
+    def _stream_answer(body: dict, item: PreparedRequest) -> Answer:
+        """200 with ``body``; a tracked request's answer also carries its stream id as a response header."""
+        headers = {} if item.tracked is None else {STREAM_HEADER: item.tracked.stream.id}
+        return Answer(int(HTTPStatus.OK), body, headers=headers)
 
     def _v2_answer(self, answer: Answer, request: oip.V2Request) -> Answer:
         """A plain answer -> the same answer in v2 shape (the result JSON text inside the ``result`` output)."""
         if answer.status != HTTPStatus.OK:
             return Answer(answer.status, oip.v2_error(answer.body["error"]["message"]), answer.phrase)
         body = oip.v2_response(encode_response(answer.body), self.info.name, self.info.version, request.request_id)
-        return Answer(answer.status, body, answer.phrase)
+        return Answer(answer.status, body, answer.phrase, answer.headers)
 
     def predict(self, image: bytes, **params: Any) -> Answer:
         """One request: the encoded image file and its parameters (``conf=0.5``, ``classes="person"``, ...)."""
@@ -217,3 +294,13 @@ class YoloService:
         if v2:
             return Answer(int(error.status), oip.v2_error(error.message), error.phrase)
         return Answer.error(error)
+
+
+def _with_stream(body: dict, stream: dict) -> dict:
+    """A tracked answer: ``body`` with ``"stream"`` after ``"image"`` (or after ``"task"`` without a frame)."""
+    out: dict = {}
+    for key, value in body.items():
+        out[key] = value
+        if key == "image" or (key == "task" and "image" not in body):
+            out["stream"] = stream
+    return out

@@ -116,7 +116,7 @@ def test_top_k_in_every_form_and_detection_parameters_refused():
             parse_request_({"body": bytearray(JPEG), "top_k": bytearray(bad)}, TopK(), names)
     with pytest.raises(InvalidParameter, match=r"\['conf', 'classes'\] filter detections .* parameters are \['top_k'\]"):
         parse_request_({"body": bytearray(JPEG), "conf": bytearray(b"0.5"), "classes": bytearray(b"1")}, TopK(), names)
-    with pytest.raises(InvalidParameter, match=r"\['top_k'\] apply to classify models only"):
+    with pytest.raises(InvalidParameter, match=r"\['top_k'\] do not apply to a detect model"):
         parse_request_({"body": bytearray(JPEG), "top_k": bytearray(b"3")}, Thresholds(), names)
 
 

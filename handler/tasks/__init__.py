@@ -12,9 +12,12 @@ from handler.contract import ArtifactError
 from handler.tasks.base import Prepared, ResponseOptions, Task
 from handler.tasks.classify import CLASSIFY
 from handler.tasks.detect import DETECT, OBB, POSE
+from handler.tasks.depth import DEPTH
+from handler.tasks.rtdetr import RTDETR
 from handler.tasks.segment import SEGMENT
+from handler.tasks.semantic import SEMANTIC
 
-TASKS: dict[str, Task] = {t.name: t for t in (DETECT, POSE, SEGMENT, OBB, CLASSIFY)}
+TASKS: dict[str, Task] = {t.name: t for t in (DETECT, POSE, SEGMENT, OBB, CLASSIFY, SEMANTIC, DEPTH, RTDETR)}
 
 # Every request parameter of every task, in registry order (unknown-parameter messages list them).
 ALL_PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys(name for t in TASKS.values() for name in t.parameters))

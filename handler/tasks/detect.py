@@ -14,6 +14,13 @@ Results, ``"detections"``: one object per detection, sorted by score, highest fi
 OBB models add ``"obb": {"cx", "cy", "w", "h", "angle"}`` (the rotated box; angle in radians) and
 ``"corners": [[x, y] x 4]``; their ``"box"`` is the axis-aligned hull of the corners. Boxes, corners and
 keypoints are in original-image pixels (2 decimals); scores, visibilities and angles have 4 decimals.
+
+Tracked frames (``handler/video.py``): what ``YOLO.track(frame, persist=True)`` shows. Each detection
+starts with ``"track_id"``; the detections are in the tracker's order (not by score), their boxes (OBB:
+``obb``, corners and hull) are the tracker's, clipped to the image as ``Results.update`` clips them (OBB
+not clipped), keypoints and masks those of the detection the track took. A frame on which the tracker
+confirms nothing shows no detection while a new track awaits confirmation, else the frame's detections
+as they are, with ``"track_id": null``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from handler.errors import InvalidParameter
 from handler.letterbox import LETTERBOX_MODES, letterbox
 from handler.response import ModelInfo, px, score
 from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task
+from handler.tracking import Detections as TrackerDetections
+from handler.tracking import FrameTracks
 
 PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes", "polygons")
 
@@ -66,6 +75,7 @@ class Detections:
 
     rows: Tensor
     masks: Tensor | None = None
+    track_ids: list[int | None] | None = None  # tracked frames: each row's track ID (None: shown without one)
 
 
 def threshold_tensors(thresholds: list[Thresholds], nc: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -88,12 +98,13 @@ class DetectTask(Task):
     """detect, pose (keypoint columns, from the metadata's ``kpt_shape``) and obb (``rotated``)."""
 
     parameters = PARAMETERS
-    foreign = "apply to classify models only"
+    trackable = True
     results_key = "detections"
 
     def __init__(self, name: str, rotated: bool = False) -> None:
         self.name = name
         self.rotated = rotated
+        self.foreign = f"do not apply to a {name} model"
 
     def default_options(self, config: Any = None) -> Thresholds:
         if config is None:
@@ -151,7 +162,55 @@ class DetectTask(Task):
         return det
 
     def to_json(self, output: Detections, info: ModelInfo, options: ResponseOptions | None) -> list[dict]:
-        return [self.detection_json(r, info) for r in output.rows.numpy().astype(np.float64)]
+        return with_track_ids([self.detection_json(r, info) for r in output.rows.numpy().astype(np.float64)], output.track_ids)
+
+    # -- tracked frames (handler/video.py) ------------------------------------------------------------
+    def tracking_defaults(self, config: Any, conf: float) -> Thresholds:
+        return replace(self.default_options(config), conf=conf)
+
+    def tracker_detections(self, output: Detections) -> TrackerDetections:
+        """Rows -> boxes ``float32[N, 4]`` xyxy (OBB: ``float32[N, 5]`` xywhr, columns 6..10), scores, classes."""
+        rows = output.rows.numpy()
+        boxes = rows[:, 6:11] if self.rotated else rows[:, :4]
+        return TrackerDetections(np.ascontiguousarray(boxes), rows[:, 4].copy(), rows[:, 5].copy())
+
+    def with_tracks(self, output: Detections, tracks: FrameTracks, height: int, width: int) -> Detections:
+        """``output`` as ``YOLO.track`` shows it (see the module docstring): the rows the tracker took, in its
+        order, with its boxes; ``tracks.rows`` ``[M, 8]`` ``[x1, y1, x2, y2, id, score, cls, idx]`` (OBB
+        ``[M, 9]``, xywhr first)."""
+        if tracks.shows_untracked_detections:
+            return replace(output, track_ids=[None] * len(output.rows))
+        shown = tracks.clipped(height, width)  # [M, 8|9]; empty while a new track awaits confirmation
+        idx = torch.from_numpy(shown[:, -1].astype(np.int64))  # [M] rows of output
+        rows = output.rows[idx].clone()  # [M, ncols]
+        if self.rotated:
+            xywhr = torch.from_numpy(np.ascontiguousarray(shown[:, :5]))  # [M, 5]
+            corners = rbox_corners(xywhr)  # [M, 4, 2]
+            rows[:, 6:11] = xywhr
+            rows[:, 11:19] = corners.reshape(-1, 8)
+            rows[:, :4] = torch.cat((corners.amin(1), corners.amax(1)), 1)  # the hull, as the postprocessor's
+        else:
+            rows[:, :4] = torch.from_numpy(np.ascontiguousarray(shown[:, :4]))
+        masks = None if output.masks is None else output.masks[idx]
+        return Detections(rows, masks, track_ids=[int(t) for t in shown[:, -4]])
+
+
+def rbox_corners(rboxes: Tensor) -> Tensor:
+    """``rboxes: float32[N, 5]`` xywhr -> ``[N, 4, 2]`` corners in Ultralytics' ``xywhr2xyxyxyxy`` order (the
+    postprocessor's own, ``export/postprocess.py`` ``rbox_corners``)."""
+    ctr = rboxes[:, :2]
+    w, h, angle = rboxes[:, 2:3], rboxes[:, 3:4], rboxes[:, 4:5]
+    cos, sin = angle.cos(), angle.sin()
+    vec1 = torch.cat((w / 2 * cos, w / 2 * sin), -1)  # [N, 2]
+    vec2 = torch.cat((-h / 2 * sin, h / 2 * cos), -1)
+    return torch.stack((ctr + vec1 + vec2, ctr + vec1 - vec2, ctr - vec1 - vec2, ctr - vec1 + vec2), -2)
+
+
+def with_track_ids(detections: list[dict], track_ids: list[int | None] | None) -> list[dict]:
+    """Each detection with its ``"track_id"`` first; unchanged for an untracked request (``track_ids`` None)."""
+    if track_ids is None:
+        return detections
+    return [{"track_id": t, **d} for t, d in zip(track_ids, detections)]
 
 
 DETECT = DetectTask("detect")

@@ -69,7 +69,7 @@ def test_each_task_owns_its_transform():
         assert np.array_equal(pixels, expected) and params == lb
     with pytest.raises(ValueError, match="letterbox must be one of"):
         task_for("detect").transform([640, 640], 32, None)
-    assert sorted(TASKS) == ["classify", "detect", "obb", "pose", "segment"]
+    assert sorted(TASKS) == ["classify", "depth", "detect", "obb", "pose", "rtdetr", "segment", "semantic"]
 
 
 # ---------------------------------------------------------------- the scripted postprocessor

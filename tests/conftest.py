@@ -32,3 +32,11 @@ def pose_export(tmp_path_factory, pose_weights):
 
     out = tmp_path_factory.mktemp("pose_export")
     return export_model(str(pose_weights), out, [640, 640], log=lambda _: None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything that starts a real TorchServe (marked ``integration``) is also ``slow``: the fast tier
+    (``pytest -m "not slow"``) never starts a server."""
+    for item in items:
+        if item.get_closest_marker("integration") is not None:
+            item.add_marker(pytest.mark.slow)

@@ -145,6 +145,8 @@ def _split_body(body: Any, headers: Mapping[str, Any] | None, max_inflated_bytes
         return request, bytes(data[n:])
     if bytes(data[:4096]).lstrip()[:1] != b"{":  # an image file, a form, ...: not ours (no image format starts with "{")
         return None
+    if b'"inputs"' not in bytes(data[:65536]):  # JSON of the plain API (or none that parses): its parser answers it
+        return None
     request = _json_object(data, "the body")
     if "inputs" not in request:
         return None  # some other JSON (the plain API's {"image": ...} when sent without Content-Type)

@@ -34,9 +34,18 @@ def pose_export(tmp_path_factory, pose_weights):
     return export_model(str(pose_weights), out, [640, 640], log=lambda _: None)
 
 
+# What the fast tier (pytest -m "not slow") leaves out besides tests marked slow in their module: every
+# test that starts a real TorchServe (marked integration), whole modules that compile or build (AOTInductor,
+# the C++ example) or run thousands of hypothesis examples, and tests on fixtures that export YAML models.
+SLOW_MODULES = {"test_aoti.py", "test_cpp.py", "test_fuzz.py"}
+SLOW_FIXTURES = {"short_key_server", "yaml_export", "cls_export", "seg_export", "obb_export", "family", "served"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Everything that starts a real TorchServe (marked ``integration``) is also ``slow``: the fast tier
-    (``pytest -m "not slow"``) never starts a server."""
     for item in items:
-        if item.get_closest_marker("integration") is not None:
+        if (
+            item.get_closest_marker("integration") is not None
+            or item.path.name in SLOW_MODULES
+            or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+        ):
             item.add_marker(pytest.mark.slow)

@@ -160,8 +160,16 @@ def test_cli_not_a_checkpoint(tmp_path, content):
     _one_line_error(_cli("--weights", str(bad)), "bad.pt")
 
 
-def test_cli_unsupported_task():
-    _one_line_error(_cli("--weights", "yolo26n-depth.yaml", "--no-check"), "depth", "not supported")
+def test_a_task_without_an_exporter_is_refused_by_name():
+    """Every task of Ultralytics 8.4.190 is exported now; a future one is refused with its name."""
+    from types import SimpleNamespace
+
+    from export.checkpoint import ExportError
+    from export.tasks import EXPORT_TASKS, export_task
+
+    assert {"detect", "pose", "segment", "obb", "classify", "semantic", "depth", "rtdetr"} <= set(EXPORT_TASKS)
+    with pytest.raises(ExportError, match="task 'stereo' is not supported yet"):
+        export_task(SimpleNamespace(task="stereo", path=Path("x.pt")))
 
 
 def test_cli_one2one_on_a_model_without_that_head(pose_weights):

@@ -357,3 +357,8 @@ def test_corrupt_and_oversized_gzip(jpeg):
         oip.parse_v2_request(row, headers, max_inflated_bytes=1000)
     del row["body"][20:]
     _raises(row, headers, InvalidParameter, "not valid gzip")
+
+
+def test_json_of_the_plain_api_that_does_not_parse_is_not_taken_for_v2():
+    """A broken plain-API JSON body gets the plain parser's error (and shape), not the v2 one."""
+    assert oip.parse_v2_request({"body": bytearray(b"{\"image\": \"abc\", \"conf\": ")}, {}) is None

@@ -301,13 +301,15 @@ def start_server(
     timeout: float = 180.0,
     keep_ports: bool = False,
     overrides: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
 ) -> TorchServe:
     """Start TorchServe serving ``model_store/MODEL.mar`` as ``MODEL`` and wait until it is READY.
 
     ``keep_ports=False`` (tests, demo, benchmark) serves on free loopback ports; ``keep_ports=True``
     (``yolo-ts-serve``) keeps the addresses of ``config`` (and its ``model_store`` when ``model_store``
     is None). Either way the ports are checked first, and :class:`ServerError` says which are busy.
-    ``overrides`` sets config.properties keys on top (e.g. :func:`rollout_overrides`).
+    ``overrides`` sets config.properties keys on top (e.g. :func:`rollout_overrides`). ``cpus`` pins the
+    server (frontend and workers inherit it) to those CPUs, as ``taskset`` or a cpuset would.
 
     ``block_ultralytics=True`` puts a ``sitecustomize.py`` on the server's ``PYTHONPATH`` that makes
     any ``import ultralytics`` raise ImportError, in the frontend's Python launcher and in the workers.
@@ -347,6 +349,7 @@ def start_server(
         launcher = subprocess.Popen(
             [_torchserve(), "--start", "--ncs", "--ts-config", str(props)],
             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
     try:
         launcher.wait(timeout=60)  # the launcher starts Java, writes the PID file and exits

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import handler
 from export.checkpoint import ExportError
-from handler.config import HandlerConfig
+from handler.config import HandlerConfig, TrackingConfig
 from handler.contract import BACKBONE_FILE, DEFAULT_MODEL_VERSION, METADATA_FILE, MODEL_CONFIG_FILE, POSTPROCESS_FILE, archive_file_name
 
 CODE_DIR = "code"  # EXPORT_DIR/code/handler/ becomes MODEL_DIR/handler/
@@ -78,19 +79,52 @@ _HANDLER_COMMENTS = {
 }
 
 
+_TRACKING_COMMENTS = {
+    "enabled": "false: track/stream requests get 400 (e.g. a model with several workers)",
+    "max_streams": "open video streams per worker; one more start gets 429",
+    "idle_seconds": "a stream without a frame for this long is dropped; its next frame gets 410",
+    "tracker": "bytetrack | botsort: the tracker of track=true",
+    "conf": "default score threshold of a tracked frame (Ultralytics' track() default)",
+    "bytetrack": "overrides of Ultralytics' bytetrack.yaml, e.g. {track_buffer: 60}",
+    "botsort": "overrides of botsort.yaml (no ReID), e.g. {gmc_method: none}",
+}
+
+
+def tracking_section(tracking: TrackingConfig, torchserve: dict) -> list[str]:
+    """The ``tracking:`` lines of ``model-config.yaml``: each setting with a comment; a tracker's parameters
+    as the overrides of its Ultralytics YAML (a JSON flow mapping, which YAML reads as it is)."""
+    lines = ["# Video streams (handler/video.py, docs/tracking.md). They live in the worker process: keep one worker",
+             "# (minWorkers: 1, maxWorkers: 1) for a model that tracks; validated by handler/config.py when the worker loads"]
+    warning = tracking.worker_warning(torchserve)
+    if warning:
+        lines.append(f"# WARNING: {warning}")
+    lines.append("tracking:")
+    for key, comment in _TRACKING_COMMENTS.items():
+        value = getattr(tracking, key)
+        if key in ("bytetrack", "botsort"):
+            defaults = asdict(TrackingConfig().params(key))
+            lines.append(f"  {key}: {json.dumps({k: v for k, v in asdict(value).items() if v != defaults[k]})}  # {comment}")
+            continue
+        lines.append(f"  {key}: {_yaml_value(int(value) if key == 'idle_seconds' and float(value).is_integer() else value)}  # {comment}")
+    return lines
+
+
 def model_config_yaml(
     handler_settings: dict | None = None,
     batch_size: int = 4,
     max_batch_delay_ms: int = 20,
     torchserve: dict | None = None,
     metadata: dict | None = None,
+    tracking_settings: dict | None = None,
 ) -> str:
-    """The archive's ``model-config.yaml``: TorchServe's worker/batching keys and our ``handler:`` section.
+    """The archive's ``model-config.yaml``: TorchServe's worker/batching keys, our ``handler:`` section and
+    the ``tracking:`` section (``tracking_settings``).
 
     ``torchserve`` holds TorchServe keys that win over the defaults (a user's own file); keys we do not
-    write ourselves are kept as they are. The ``handler:`` section is validated with the worker's own
-    validator (and, given ``metadata``, against the exported model), so a bad value fails here."""
+    write ourselves are kept as they are. The ``handler:`` and ``tracking:`` sections are validated with the
+    worker's own validators (and, given ``metadata``, against the exported model), so a bad value fails here."""
     settings = HandlerConfig.from_dict(handler_settings or {})  # fail here, not in the worker
+    tracking = TrackingConfig.from_dict(tracking_settings or {})
     if metadata is not None:
         settings.check_model(metadata)
     values = {**TORCHSERVE_DEFAULTS, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms, **(torchserve or {})}
@@ -101,11 +135,13 @@ def model_config_yaml(
     lines += ["# Settings of handler/yolo_handler.py, validated by handler/config.py when the worker loads", "handler:"]
     for key, comment in _HANDLER_COMMENTS.items():
         lines.append(f"  {key}: {_yaml_value(getattr(settings, key))}  # {comment}")
+    lines += tracking_section(tracking, values)
     return "\n".join(lines) + "\n"
 
 
 def read_model_config(path: Path) -> tuple[dict, dict | None]:
-    """A user's ``model-config.yaml`` -> (its TorchServe keys, its ``handler:`` section); ``({}, None)`` if absent."""
+    """A user's ``model-config.yaml`` -> (its TorchServe keys and its ``tracking:`` section, its ``handler:``
+    section); ``({}, None)`` if absent."""
     if not path.is_file():
         return {}, None
     import yaml
@@ -161,12 +197,14 @@ def build_archive(
     handler_settings: dict | None = None,
     batch_size: int = 4,
     keep_user_config: bool = False,
+    tracking_settings: dict | None = None,
 ) -> Path:
     """Write ``model-config.yaml`` into ``export_dir``, stage the handler package, run torch-model-archiver.
 
     ``keep_user_config=True`` (``python -m export --archive``) keeps the values of an existing
     ``EXPORT_DIR/model-config.yaml`` that the user edited, validated exactly as the worker will validate
-    them; ``handler_settings`` then override its ``handler:`` keys. Returns the path of ``model_store/NAME.mar``.
+    them; ``handler_settings`` then override its ``handler:`` keys, ``tracking_settings`` its ``tracking:`` keys.
+    Returns the path of ``model_store/NAME.mar``.
     """
     export_dir, model_store = Path(export_dir).resolve(), Path(model_store).resolve()
     for f in (METADATA_FILE, POSTPROCESS_FILE, None):
@@ -179,8 +217,12 @@ def build_archive(
         torchserve, user_handler = read_model_config(export_dir / MODEL_CONFIG_FILE)
         handler_settings = {**(user_handler or {}), **(handler_settings or {})}
         batch_size = torchserve.pop("batchSize", batch_size)
+    user_tracking = torchserve.pop("tracking", None)
+    if user_tracking is not None and not isinstance(user_tracking, dict):
+        raise ArchiveError(f"{export_dir / MODEL_CONFIG_FILE}: `tracking:` must be a mapping of settings, got {user_tracking!r}")
+    tracking_settings = {**(user_tracking or {}), **(tracking_settings or {})}
     try:
-        text = model_config_yaml(handler_settings, batch_size, torchserve=torchserve, metadata=metadata)
+        text = model_config_yaml(handler_settings, batch_size, torchserve=torchserve, metadata=metadata, tracking_settings=tracking_settings)
     except ValueError as e:
         raise ArchiveError(f"{export_dir / MODEL_CONFIG_FILE}: {e}") from None
     (export_dir / MODEL_CONFIG_FILE).write_text(text)

@@ -20,6 +20,10 @@ How TorchServe hands a request to ``handle()`` (one dict per request, "row"):
 A parameter may be given once: in the query string / form fields, or in the JSON body.
 ``polygons`` (``true``/``false``, ``1``/``0``) asks a segment model for mask outlines besides the RLE
 masks; other models ignore it.
+
+Video streams (``handler/video.py``): ``track``, ``stream``, ``end`` and the tracker parameters arrive the
+same ways (the stream id also as the header ``X-Stream-Id``); a tracked request's default ``conf`` is the
+``tracking:`` section's. Only the end of a stream (``stream=<id>&end=true``) may come without an image.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from handler import video
 from handler.errors import InvalidImage, InvalidParameter, UnsupportedMediaType
 from handler.params import text
 from handler.tasks import ALL_PARAMETERS, ResponseOptions, Task
@@ -48,9 +53,10 @@ class ParsedRequest:
     """What one request asks: the encoded image, the postprocessor options of its task, what the
     response carries."""
 
-    image: bytes
+    image: bytes | None  # None only for the end of a stream without a last frame
     options: Any
     response: ResponseOptions | None
+    stream: video.StreamOptions | None = None  # a tracked request's stream options; None: stateless
 
 
 def _only_own(params: dict[str, Any], task: Task) -> None:
@@ -72,35 +78,50 @@ def _decode_base64(value: Any) -> bytes:
 
 
 def parse_request(
-    row: dict, task: Task, defaults: Any, names: Sequence[str], content_type: str | None = None
+    row: dict,
+    task: Task,
+    defaults: Any,
+    names: Sequence[str],
+    content_type: str | None = None,
+    tracked_defaults: Any = None,
+    stream_header: str | None = None,
 ) -> ParsedRequest:
-    """Split one request row into the encoded image and its options (``task``'s, over ``defaults``).
+    """Split one request row into the encoded image and its options (``task``'s, over ``defaults``, or
+    over ``tracked_defaults`` for a tracked request when given).
 
     ``content_type`` is the request's Content-Type when known; it only sharpens error messages
-    (TorchServe passes invalid JSON on as bytes).
+    (TorchServe passes invalid JSON on as bytes). ``stream_header``: the request's ``X-Stream-Id``.
     """
     if not isinstance(row, dict):
         raise UnsupportedMediaType(f"unexpected request layout; {_HOW_TO_SEND}")
     params = {k: text(k, v) for k, v in row.items() if k in PARAMETERS}
+    stream_params = {k: text(k, v) for k, v in row.items() if k in video.PARAMETERS}
     image_keys = [k for k in row if k == "body" or k in IMAGE_FIELDS]
-    unknown = [str(k)[:40] for k in row if k not in PARAMETERS and k not in ROUTING_KEYS and k not in image_keys]
+    unknown = [
+        str(k)[:40] for k in row if k not in PARAMETERS and k not in video.PARAMETERS and k not in ROUTING_KEYS and k not in image_keys
+    ]
     if len(image_keys) > 1:
         raise InvalidParameter(f"the request carries more than one image ({image_keys}); send one")
-    image = _image_from(image_keys[0], row[image_keys[0]], params, content_type) if image_keys else None
-    if image is None:
+    image = _image_from(image_keys[0], row[image_keys[0]], params, content_type, stream_params) if image_keys else None
+    stream = video.stream_options(stream_params, stream_header)
+    if image is None and (stream is None or not stream.frameless):
+        if image_keys and isinstance(row[image_keys[0]], dict):
+            raise InvalidImage('the JSON body has no "image" field (base64 of the image file)')
         if unknown:  # e.g. a form-urlencoded body: the bytes became field names
             raise UnsupportedMediaType(f"no image found; {_HOW_TO_SEND}")
         raise InvalidImage(f"the request has no image; {_HOW_TO_SEND}")
     if unknown:
         raise InvalidParameter(f"unknown parameter(s) {sorted(unknown)}; the parameters are {list(PARAMETERS)}")
     _only_own(params, task)
-    options, response = task.options(params, defaults, names)
-    return ParsedRequest(image, options, response)
+    base = tracked_defaults if stream is not None and tracked_defaults is not None else defaults
+    options, response = task.options(params, base, names)
+    return ParsedRequest(image, options, response, stream)
 
 
-def _image_from(key: str, value: Any, params: dict[str, Any], content_type: str | None) -> bytes:
+def _image_from(key: str, value: Any, params: dict[str, Any], content_type: str | None, stream_params: dict[str, Any]) -> bytes | None:
+    """The image bytes of the row's image field; None for a JSON body without ``"image"`` (the caller decides)."""
     if isinstance(value, dict):  # application/json
-        return _image_from_json(value, params)
+        return _image_from_json(value, params, stream_params)
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         if content_type and content_type.split(";")[0].strip().lower() == "application/json":
@@ -111,15 +132,16 @@ def _image_from(key: str, value: Any, params: dict[str, Any], content_type: str 
     raise InvalidParameter(f"{key!r} must be an object with an \"image\" field or image bytes; {_HOW_TO_SEND}")
 
 
-def _image_from_json(body: dict, params: dict[str, Any]) -> bytes:
-    unknown = sorted(set(body) - set(PARAMETERS) - {"image"})
+def _image_from_json(body: dict, params: dict[str, Any], stream_params: dict[str, Any]) -> bytes | None:
+    unknown = sorted(set(body) - set(PARAMETERS) - set(video.PARAMETERS) - {"image"})
     if unknown:
         raise InvalidParameter(f"unknown JSON field(s) {unknown}; the fields are {['image', *PARAMETERS]}")
-    for key in PARAMETERS:
-        if key in body:
-            if key in params:
-                raise InvalidParameter(f"{key} is given both in the query string and in the JSON body; give it once")
-            params[key] = body[key]
+    for keys, into in ((PARAMETERS, params), (video.PARAMETERS, stream_params)):
+        for key in keys:
+            if key in body:
+                if key in into:
+                    raise InvalidParameter(f"{key} is given both in the query string and in the JSON body; give it once")
+                into[key] = body[key]
     if "image" not in body:
-        raise InvalidImage('the JSON body has no "image" field (base64 of the image file)')
+        return None
     return _decode_base64(body["image"])

@@ -20,7 +20,7 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.config import HandlerConfig
+from handler.config import HandlerConfig, TrackingConfig
 from handler.device import CPU, CudaUnavailableError, select_device, set_threads
 from handler.response import encode_response
 from handler.service import YoloService
@@ -42,12 +42,16 @@ class YoloHandler(BaseHandler):
 
     def initialize(self, context) -> None:
         """Load both exported files from the model directory; do not let BaseHandler load anything."""
-        props = context.system_properties
-        config = HandlerConfig.from_dict((getattr(context, "model_yaml_config", None) or {}).get("handler"))
+        yaml = getattr(context, "model_yaml_config", None) or {}
+        config = HandlerConfig.from_dict(yaml.get("handler"))
+        tracking = TrackingConfig.from_dict(yaml.get("tracking"))
+        warning = tracking.worker_warning(yaml)
+        if warning:
+            logger.warning(warning)
         manifest = getattr(context, "manifest", None) or {}
         version = (manifest.get("model") or {}).get("modelVersion")  # what TorchServe routes /NAME/VERSION by
         t0 = time.perf_counter()
-        service, device = self._load(context, config, version)
+        service, device = self._load(context, config, tracking, version)
         pipeline, info = service.pipeline, service.info
         t1 = time.perf_counter()
         if config.warmup:
@@ -62,13 +66,13 @@ class YoloHandler(BaseHandler):
         self.service, self.device, self.context = service, device, context
         self.initialized = True
 
-    def _load(self, context, config: HandlerConfig, version: str | None) -> tuple[YoloService, torch.device]:
+    def _load(self, context, config: HandlerConfig, tracking: TrackingConfig, version: str | None) -> tuple[YoloService, torch.device]:
         """The service on the worker's device. A GPU worker whose CUDA is unusable (no CUDA, a driver error or
         out of memory while loading) fails the load with the CUDA error, or, with ``cpu_fallback: true``,
         serves on CPU with a loud log line and the ``YoloCpuFallback`` metric."""
         props = context.system_properties
         load = lambda device: YoloService.from_dir(  # noqa: E731
-            props["model_dir"], config, device, name=getattr(context, "model_name", None), version=version
+            props["model_dir"], config, device, name=getattr(context, "model_name", None), version=version, tracking=tracking
         )
         yaml = getattr(context, "model_yaml_config", None)
         try:
@@ -103,6 +107,8 @@ class YoloHandler(BaseHandler):
             if answer.status != 200:
                 context.set_response_status(answer.status, answer.phrase, idx)
             context.set_response_content_type(idx, "application/json")
+            for key, value in answer.headers.items():  # a tracked frame's X-Stream-Id
+                context.set_response_header(idx, key, value)
         logger.info("batch of %d request(s): %d served, forwards (n, h, w) %s", len(data), batch.served, batch.times.forwards)
         _record(context, METRIC_BATCH_SIZE, len(data), unit="count")
         if batch.served:

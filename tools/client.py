@@ -3,6 +3,13 @@
     python -m tools.client bus.jpg --save bus.annotated.jpg
     python -m tools.client bus.jpg --conf 0.5 --classes person --url http://127.0.0.1:8080/predictions/yolo
     python -m tools.client bus.jpg --top-k 3 --save bus.top3.jpg          # a classify model
+    python -m tools.client --video clip.mp4 --tracker botsort --save clip.tracked.mp4   # one tracked stream
+    python -m tools.client --video 0                                      # camera 0, until Ctrl-C
+
+``--video`` reads a video file or a camera index with OpenCV and sends the frames as one stream
+(``track=`` on the first frame, ``stream=<id>`` on the others, a frameless ``end`` at the end or on
+Ctrl-C); it prints one JSON line per frame, and ``--save`` writes the video with each track's ID and a
+short trail (docs/tracking.md).
 
 The inference token comes from TorchServe's ``key_file.json`` (written in the directory TorchServe
 was started from). Parameters travel as multipart form fields next to the image, which TorchServe
@@ -20,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import deque
 from pathlib import Path
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -94,11 +103,11 @@ KEY_FILE_STALE = (
 
 def predict_with_key_file(
     image: bytes, key_file: Path, url: str = DEFAULT_URL, management_url: str = DEFAULT_MANAGEMENT_URL,
-    params: dict | None = None, timeout: float = 120,
+    params: dict | None = None, timeout: float = 120, session: requests.Session | None = None,
 ) -> requests.Response:
     """:func:`predict` with the key from ``key_file``; on a rejected key, renew it (see the module doc) and retry once."""
     token = load_token(key_file)
-    r = predict(image, url, token, params, timeout)
+    r = predict(image, url, token, params, timeout, session)
     if not is_token_rejected(r) or not key_file.is_file():
         return r
     fresh = load_token(key_file)
@@ -107,19 +116,24 @@ def predict_with_key_file(
             fresh = renew_token(key_file, management_url, timeout=timeout)
         except requests.HTTPError as e:  # the management API rejects the file's API key as well
             raise ClientError(KEY_FILE_STALE.format(key_file=key_file)) from e
-    r = predict(image, url, fresh, params, timeout)
+    r = predict(image, url, fresh, params, timeout, session)
     if is_token_rejected(r):
         raise ClientError(KEY_FILE_STALE.format(key_file=key_file))
     return r
 
 
 def predict(
-    image: bytes, url: str = DEFAULT_URL, token: str | None = None, params: dict | None = None, timeout: float = 120
+    image: bytes | None, url: str = DEFAULT_URL, token: str | None = None, params: dict | None = None, timeout: float = 120,
+    session: requests.Session | None = None,
 ) -> requests.Response:
-    """POST ``image`` (encoded file bytes) as multipart field ``image`` with ``params`` as form fields."""
+    """POST ``image`` (encoded file bytes) as multipart field ``image`` with ``params`` as form fields; without an
+    image (the end of a stream), ``params`` as a JSON body. ``session``: keep the connection open between calls."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     data = {k: str(v) for k, v in (params or {}).items() if v is not None}
-    return requests.post(url, files={"image": ("image", image)}, data=data, headers=headers, timeout=timeout)
+    post = (session or requests).post
+    if image is None:
+        return post(url, json={k: v for k, v in (params or {}).items() if v is not None}, headers=headers, timeout=timeout)
+    return post(url, files={"image": ("image", image)}, data=data, headers=headers, timeout=timeout)
 
 
 def _color(class_id: int) -> tuple[int, int, int]:
@@ -149,10 +163,15 @@ def label_origin(box: tuple[int, int, int, int], text_w: int, text_h: int, image
     return left, top
 
 
-def draw(image: np.ndarray, result: dict) -> np.ndarray:
+def draw(
+    image: np.ndarray, result: dict, color: Callable[[dict], tuple[int, int, int]] | None = None,
+    label: Callable[[dict], str] | None = None,
+) -> np.ndarray:
     """Boxes (rotated ones for OBB models), labels, semi-transparent masks (segment models) and the COCO
     skeleton (pose models) on a copy of ``image: uint8[H, W, 3]`` BGR; for a classify response, its
-    top-k labels and scores."""
+    top-k labels and scores. ``color`` and ``label`` of a detection: by class and ``"class score"`` unless given."""
+    color_of = color or (lambda det: _color(det["class_id"]))
+    label_of = label or (lambda det: f"{det['class_name']} {det['score']:.2f}")
     out = image.copy()
     thick = max(1, round(sum(out.shape[:2]) / 600))
     if "top" in result:
@@ -160,15 +179,15 @@ def draw(image: np.ndarray, result: dict) -> np.ndarray:
     for det in result["detections"]:  # masks first, so that boxes and labels stay readable
         if "mask" in det:
             mask = decode_rle(det["mask"]).astype(bool)
-            out[mask] = (out[mask] * (1 - MASK_ALPHA) + np.array(_color(det["class_id"])) * MASK_ALPHA).astype(np.uint8)
+            out[mask] = (out[mask] * (1 - MASK_ALPHA) + np.array(color_of(det)) * MASK_ALPHA).astype(np.uint8)
     for det in result["detections"]:
         x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
-        color = _color(det["class_id"])
+        color = color_of(det)
         if "corners" in det:
             cv2.polylines(out, [np.round(det["corners"]).astype(np.int32)], True, color, thick, cv2.LINE_AA)
         else:
             cv2.rectangle(out, (x1, y1), (x2, y2), color, thick, cv2.LINE_AA)
-        label = f"{det['class_name']} {det['score']:.2f}"
+        label = label_of(det)
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, thick / 3, max(1, thick - 1))
         left, top = label_origin((x1, y1, x2, y2), tw, th + base, out.shape[1])
         cv2.rectangle(out, (left, top), (left + tw, top + th + base), color, -1)
@@ -187,9 +206,133 @@ def draw(image: np.ndarray, result: dict) -> np.ndarray:
     return out
 
 
+TRAIL_FRAMES = 15  # frames of each track's trail in a saved video
+FRAME_FORMATS = {"jpg": (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]), "png": (".png", [])}
+
+
+def _track_color(det: dict) -> tuple[int, int, int]:
+    """One color per track ID (gray for a detection shown without one)."""
+    return (160, 160, 160) if det.get("track_id") is None else _color(1000 + det["track_id"])
+
+
+def _track_label(det: dict) -> str:
+    prefix = "" if det.get("track_id") is None else f"#{det['track_id']} "
+    return f"{prefix}{det['class_name']} {det['score']:.2f}"
+
+
+class Trails:
+    """The last ``length`` centres of each track (original-image pixels), drawn as a fading polyline."""
+
+    def __init__(self, length: int = TRAIL_FRAMES) -> None:
+        self.length = length
+        self.points: dict[int, deque] = {}
+
+    def update(self, detections: list[dict]) -> None:
+        seen = set()
+        for det in detections:
+            if det.get("track_id") is None:
+                continue
+            x1, y1, x2, y2 = det["box"]
+            self.points.setdefault(det["track_id"], deque(maxlen=self.length)).append((int((x1 + x2) / 2), int((y1 + y2) / 2)))
+            seen.add(det["track_id"])
+        for tid in [t for t in self.points if t not in seen]:  # a track not shown this frame fades out
+            if self.points[tid]:
+                self.points[tid].popleft()
+            if not self.points[tid]:
+                del self.points[tid]
+
+    def draw(self, image: np.ndarray) -> np.ndarray:
+        """Each trail on ``image`` (in place): thin and old at its tail, thick at the newest point."""
+        thick = max(1, round(sum(image.shape[:2]) / 600))
+        for tid, pts in self.points.items():
+            color = _color(1000 + tid)
+            for k in range(1, len(pts)):
+                cv2.line(image, pts[k - 1], pts[k], color, 1 + 2 * thick * k // len(pts), cv2.LINE_AA)
+            if pts:
+                cv2.circle(image, pts[-1], thick + 2, color, -1, cv2.LINE_AA)
+        return image
+
+
+def video_frames(source: str) -> tuple[Iterator[np.ndarray], float]:
+    """The BGR frames of a video file or of a camera (``source`` all digits: its index), and the frame rate."""
+    cap = cv2.VideoCapture(int(source)) if source.isdigit() else cv2.VideoCapture(source)
+    if not cap.isOpened():
+        raise ClientError(f"OpenCV cannot open {'camera ' if source.isdigit() else ''}{source}")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            while True:
+                ok, frame = cap.read()
+                if not ok:
+                    return
+                yield frame
+        finally:
+            cap.release()
+
+    return frames(), fps if 0 < fps < 1000 else 10.0
+
+
+def stream_video(args: argparse.Namespace) -> int:
+    """``--video``: one stream over the frames, a JSON line per frame, ``--save`` the annotated video."""
+    frames, fps = video_frames(args.video)
+    ext, flags = FRAME_FORMATS[args.frame_format]
+    session, stream_id, writer, trails, sent = requests.Session(), None, None, Trails(args.trail), 0
+    call = lambda image, params: predict_with_key_file(  # noqa: E731
+        image, args.key_file, args.url, args.management_url, params, args.timeout, session)
+    try:
+        for frame in frames:
+            if args.max_frames and sent >= args.max_frames:
+                break
+            params = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "classes": args.classes}
+            params.update({"track": args.tracker} if stream_id is None else {"stream": stream_id})
+            r = call(cv2.imencode(ext, frame, flags)[1].tobytes(), params)
+            body = _json(r)
+            print(json.dumps(body, separators=(",", ":")), flush=True)
+            if r.status_code != 200:
+                print(f"error: HTTP {r.status_code} on frame {sent + 1}: {body.get('error', {}).get('message', r.text)}", file=sys.stderr)
+                return 1
+            stream_id, sent = body["stream"]["id"], sent + 1
+            if args.save:
+                if writer is None:
+                    writer = cv2.VideoWriter(str(args.save), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frame.shape[1], frame.shape[0]))
+                    if not writer.isOpened():
+                        print(f"error: OpenCV cannot write {args.save}", file=sys.stderr)
+                        return 1
+                trails.update(body["detections"])
+                writer.write(trails.draw(draw(frame, body, _track_color, _track_label)))
+    except KeyboardInterrupt:
+        print("interrupted; ending the stream", file=sys.stderr)
+    finally:
+        if writer is not None:
+            writer.release()
+        if stream_id is not None:
+            try:
+                call(None, {"stream": stream_id, "end": True})
+            except (requests.RequestException, ClientError):
+                pass
+    if sent == 0:
+        print(f"error: no frame could be read from {args.video}", file=sys.stderr)
+        return 1
+    print(f"{sent} frames in stream {stream_id}" + (f"; saved {args.save}" if args.save else ""), file=sys.stderr)
+    return 0
+
+
+def _json(r: requests.Response) -> dict:
+    try:
+        return r.json()
+    except ValueError:
+        return {"error": {"type": "http", "message": r.text}}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.client", description=__doc__.splitlines()[0])
-    p.add_argument("image", type=Path, help="image file (JPEG, PNG, WebP, BMP, TIFF)")
+    p.add_argument("image", type=Path, nargs="?", help="image file (JPEG, PNG, WebP, BMP, TIFF); or give --video")
+    p.add_argument("--video", help="a video file or a camera index (0, 1, ...): send its frames as one tracked stream")
+    p.add_argument("--tracker", default="bytetrack", choices=["bytetrack", "botsort"], help="--video: the tracker (default bytetrack)")
+    p.add_argument("--frame-format", default="jpg", choices=sorted(FRAME_FORMATS), help="--video: how frames are sent (default jpg, quality 95)")
+    p.add_argument("--max-frames", type=int, default=0, help="--video: stop after this many frames (default: all)")
+    p.add_argument("--trail", type=int, default=TRAIL_FRAMES, help=f"--video --save: trail length in frames (default {TRAIL_FRAMES})")
     p.add_argument("--url", default=DEFAULT_URL, help=f"prediction URL (default {DEFAULT_URL})")
     p.add_argument("--key-file", type=Path, default=Path("key_file.json"), help="TorchServe key_file.json (default ./key_file.json)")
     p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL, help=f"where an expired key is renewed (default {DEFAULT_MANAGEMENT_URL})")
@@ -199,13 +342,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classes", help="comma-separated class ids or names, e.g. person,0")
     p.add_argument("--polygons", action="store_true", help="segment models: also return each mask's outline")
     p.add_argument("--top-k", type=int, help="classify models: how many classes to return (default 5)")
-    p.add_argument("--save", type=Path, help="write the image with the detections (classify: the top-k labels) drawn on it")
+    p.add_argument("--save", type=Path, help="write the image with the detections (classify: the top-k labels) drawn on it; "
+                   "with --video: the annotated video (.mp4) with track IDs and trails")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer (default 120)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.image is None) == (args.video is None):
+        p.error("give an image file or --video (not both)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.video is not None:
+        try:
+            return stream_video(args)
+        except ClientError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except requests.Timeout:
+            print(f"error: no answer from {args.url} within {args.timeout:g} s (--timeout)", file=sys.stderr)
+            return 1
+        except requests.ConnectionError:
+            print(f"error: nothing answers at {args.url}; is TorchServe running (yolo-ts-serve), and is the URL right (--url)?", file=sys.stderr)
+            return 1
     try:
         data = args.image.read_bytes()
     except OSError as e:

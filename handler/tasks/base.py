@@ -5,7 +5,9 @@ A task (``handler/tasks/<family>.py``) owns, for the models of its metadata ``ta
 * the request parameters it takes, their parsing and validation (:meth:`Task.options`);
 * the image transform that makes the network input (:meth:`Task.transform`);
 * the scripted postprocessor's inputs and outputs (:meth:`Task.postprocess`);
-* the JSON of one answer (:meth:`Task.to_json`).
+* the JSON of one answer (:meth:`Task.to_json`);
+* for tasks that track objects over a video stream (``trackable``, the detection family): the tracker's
+  input (:meth:`Task.tracker_detections`) and what a tracked frame shows (:meth:`Task.with_tracks`).
 
 The pipeline (``handler/pipeline.py``), the service (``handler/service.py``), the export check and the
 benchmark ask the task object; none of them compares task names.
@@ -48,6 +50,7 @@ class Task:
     parameters: tuple[str, ...] = ()  # request parameters of this task
     foreign: str = ""  # why a parameter of another task is refused: "... {foreign}; this model's parameters are ..."
     results_key: str = ""  # the response key that holds the results ("detections", "top")
+    trackable: bool = False  # requests may track objects over a stream (handler/video.py)
 
     def default_options(self, config: Any = None) -> Any:
         """The postprocessor options of a request that sets no parameter (``config``: a ``HandlerConfig``)."""
@@ -68,4 +71,19 @@ class Task:
 
     def to_json(self, output: Any, info: ModelInfo, options: ResponseOptions | None) -> Any:
         """One item's output -> the value of ``results_key`` in its response."""
+        raise NotImplementedError
+
+    def tracking_defaults(self, config: Any, conf: float) -> Any:
+        """The postprocessor options of a tracked request that sets no parameter (``conf``: the
+        ``tracking.conf`` default). Trackable tasks only."""
+        raise NotImplementedError
+
+    def tracker_detections(self, output: Any) -> Any:
+        """One item's output -> the tracker's input, ``handler.tracking.Detections`` (``rows`` = this
+        output's row index). Trackable tasks only."""
+        raise NotImplementedError
+
+    def with_tracks(self, output: Any, tracks: Any, height: int, width: int) -> Any:
+        """One item's output and the tracker's ``handler.tracking.FrameTracks`` for it -> the output a tracked
+        frame shows (as ``YOLO.track``), same type, each result with its track ID. Trackable tasks only."""
         raise NotImplementedError

@@ -20,7 +20,7 @@ from torch import Tensor
 from handler.mask_encoding import encode_rle, mask_polygon
 from handler.response import ModelInfo, px
 from handler.tasks.base import Prepared, ResponseOptions
-from handler.tasks.detect import Detections, DetectTask
+from handler.tasks.detect import Detections, DetectTask, with_track_ids
 
 
 class SegmentTask(DetectTask):
@@ -41,7 +41,7 @@ class SegmentTask(DetectTask):
             if polygons:
                 det["polygon"] = [[px(x), px(y)] for x, y in mask_polygon(mask)]
             dets.append(det)
-        return dets
+        return with_track_ids(dets, output.track_ids)
 
 
 SEGMENT = SegmentTask("segment")

@@ -7,6 +7,12 @@ Per image: the task's transform (the letterbox, or classify's resize + crop) -> 
 transformed shapes are equal -> one backbone forward per group -> the task's postprocessor call, with
 each image's own geometry and options. A result therefore never depends on which other images share
 its batch. What the outputs are is the task's (``handler/tasks/``).
+
+``preprocess="device"`` moves the transform to the model's device: :meth:`YoloPipeline.prepare` only computes
+the geometry (``handler/letterbox.py``), and the decoded uint8 image is uploaded (pinned memory,
+``non_blocking``) and letterboxed, converted and normalised there (``handler/letterbox_torch.py``), with the
+same pixels and the same network input as on the CPU. On CUDA, each group's input is made on a side stream
+while the previous group's forward runs (``handler/overlap.py``), in either mode.
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
+from handler import letterbox_torch
+from handler.config import PREPROCESS_MODES
 from handler.contract import (
     AOTI_FORMAT,
     BACKBONE_FILE,
@@ -31,7 +39,12 @@ from handler.contract import (
     ArtifactError,
     check_metadata,
 )
+from handler.letterbox import LETTERBOX_MODES, LetterboxParams, letterbox_params
+from handler.overlap import SideStream, Staged, run_groups
+from handler.stretch import stretch_params
 from handler.tasks import Prepared, Task, task_for
+
+Placement = Callable[[tuple[int, int]], LetterboxParams]  # (orig_h, orig_w) -> where the image goes
 
 
 @dataclass
@@ -77,8 +90,42 @@ def load_artifacts(model_dir: str | Path, device: torch.device) -> tuple[Any, to
     return backbone, postprocess, check_metadata(meta_p, str(model_dir / POSTPROCESS_FILE))
 
 
+def bgr_to_rgb_into(pixels: list[np.ndarray], out: np.ndarray) -> None:
+    """``n x uint8[H, W, 3]`` BGR -> ``out: uint8[n, H, W, 3]`` RGB (C-contiguous), written in place by OpenCV."""
+    for j, p in enumerate(pixels):
+        cv2.cvtColor(p, cv2.COLOR_BGR2RGB, dst=out[j])
+
+
+def device_placement(transform: Callable[[np.ndarray], tuple[np.ndarray, Any]], imgsz: Any, stride: int,
+                     letterbox_mode: str | None) -> Placement | None:
+    """The geometry function of a task's CPU ``transform`` when :func:`letterbox_torch.place` reproduces it,
+    else None: the letterbox (``letterbox_params`` with these settings) or the stretch (``stretch_params``).
+
+    Decided by running ``transform`` on probe images whose letterbox, square letterbox and stretch all differ,
+    and keeping the candidate whose geometry and pixels both match, so no task is named here and a transform
+    that is neither (classify's resize and crop) is never replaced."""
+    candidates: list[Placement] = []
+    if letterbox_mode in LETTERBOX_MODES:
+        candidates.append(lambda hw: letterbox_params(hw, imgsz, stride, letterbox_mode))  # type: ignore[arg-type]
+    candidates.append(lambda hw: stretch_params(hw, imgsz))
+    rng = np.random.default_rng(0)
+    probes = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((37, 101), (101, 37))]
+    expected = [transform(p) for p in probes]
+    for placement in candidates:
+        if all(
+            params == placement(p.shape[:2])
+            and np.array_equal(pixels, letterbox_torch.place(torch.from_numpy(p), params).numpy())
+            for p, (pixels, params) in zip(probes, expected)
+        ):
+            return placement
+    return None
+
+
 class YoloPipeline:
-    """The task's transform, batch by shape, ``backbone.pt`` then ``postprocess.pt``."""
+    """The task's transform, batch by shape, ``backbone.pt`` then ``postprocess.pt``.
+
+    ``preprocess``: ``cpu`` (the transform in :meth:`prepare`, OpenCV) or ``device`` (the geometry in
+    :meth:`prepare`, the pixels on the model's device in :meth:`infer`); both give the same results."""
 
     def __init__(
         self,
@@ -89,8 +136,11 @@ class YoloPipeline:
         half: bool = False,
         imgsz: int | list[int] | None = None,
         letterbox_mode: str | None = None,
+        preprocess: str = "cpu",
     ) -> None:
         self.device = torch.device(device)
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         if half and self.device.type != "cuda":
             raise ValueError("half=True needs a CUDA device; FP16 is not used on CPU")
         self.half = half
@@ -101,6 +151,14 @@ class YoloPipeline:
         self.imgsz = imgsz if imgsz is not None else metadata["imgsz"]
         self.letterbox_mode = letterbox_mode or metadata["letterbox"]
         self.transform = self.task.transform(self.imgsz, self.stride, self.letterbox_mode)
+        self.preprocess = preprocess
+        self.placement: Placement | None = None
+        if preprocess == "device":
+            self.placement = device_placement(self.transform, self.imgsz, self.stride, self.letterbox_mode)
+            if self.placement is None:
+                raise ValueError(f"handler.preprocess: device needs a letterbox or stretch transform; this {self.task.name} "
+                                 "model's transform runs on the CPU only; write `preprocess: cpu`")
+        self.side = SideStream(self.device)  # CUDA: inputs are made beside the forward
         self.backbone = backbone.half() if half else backbone
         self.postprocess = postprocess
 
@@ -115,9 +173,15 @@ class YoloPipeline:
 
     def prepare(self, image: np.ndarray, options: Any = None) -> Prepared:
         """Transform one ``uint8[H, W, 3]`` BGR image. ``options``: the task's postprocessor options,
-        already validated (the request parser validates them); None: the task's defaults."""
+        already validated (the request parser validates them); None: the task's defaults.
+
+        With ``preprocess="device"`` only the geometry is computed: the returned ``pixels`` are ``image``
+        itself, transformed on the device by :meth:`infer` (use :meth:`network_input`, not :meth:`to_input`)."""
+        options = self.task.default_options() if options is None else options
+        if self.placement is not None:
+            return Prepared(image, self.placement((int(image.shape[0]), int(image.shape[1]))), options)
         pixels, params = self.transform(image)
-        return Prepared(pixels, params, self.task.default_options() if options is None else options)
+        return Prepared(pixels, params, options)
 
     def to_input(self, pixels: list[np.ndarray]) -> Tensor:
         """``n x uint8[H, W, 3]`` BGR -> ``float[n, 3, H, W]`` RGB 0..1 on the device.
@@ -126,36 +190,85 @@ class YoloPipeline:
         the GPU, and the NHWC -> NCHW permute leaves the batch channels-last, which the CPU convolutions
         prefer. Values equal Ultralytics' preprocess exactly.
         """
+        if self.device.type == "cuda":  # swap into pinned memory, so the upload is asynchronous
+            host = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.uint8, pin_memory=True)  # [n, H, W, 3]
+            bgr_to_rgb_into(pixels, host.numpy())
+            batch = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [n, 3, H, W]
+            return (batch.half() if self.half else batch.float()).div_(255)
         rgb = np.stack([cv2.cvtColor(p, cv2.COLOR_BGR2RGB) for p in pixels])  # [n, H, W, 3] uint8
         batch = torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [n, 3, H, W]
         return (batch.half() if self.half else batch.float()).div_(255)
+
+    def upload(self, image: np.ndarray | Tensor) -> Tensor:
+        """``uint8[H, W, 3]`` -> the same tensor on the device: through pinned memory and ``non_blocking`` on
+        CUDA (the copy is ordered on the current stream), shared with the array on CPU. A tensor already on
+        the device (an image decoded there) is used as it is."""
+        if isinstance(image, Tensor):
+            image = image.to(self.device)
+            if image.is_cuda:  # made on another stream, maybe: keep its memory until this stream has read it
+                image.record_stream(torch.cuda.current_stream(self.device))
+            return image
+        if self.device.type != "cuda":
+            return torch.from_numpy(image)
+        host = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
+        np.copyto(host.numpy(), image)
+        return host.to(self.device, non_blocking=True)
+
+    def _input_hw(self, item: Prepared) -> tuple[int, int]:
+        """The network input shape of a prepared item (its batch group): its pixels' shape, or with
+        ``preprocess="device"`` the shape its geometry says the device letterbox makes."""
+        if self.placement is not None:
+            return item.params.input_h, item.params.input_w
+        return item.pixels.shape[:2]
+
+    def network_input(self, items: list[Prepared]) -> Tensor:
+        """Prepared items of one input shape -> ``float[n, 3, H, W]`` RGB 0..1 on the device, in either
+        preprocess mode (:meth:`to_input` of their pixels, or the device letterbox of their images)."""
+        if self.placement is None:
+            return self.to_input([it.pixels for it in items])
+        h, w = self._input_hw(items[0])
+        batch = torch.empty((len(items), h, w, 3), dtype=torch.uint8, device=self.device)  # [n, H, W, 3] BGR
+        for j, it in enumerate(items):
+            letterbox_torch.place(self.upload(it.pixels), it.params, out=batch[j])
+        return letterbox_torch.to_network_input(batch, self.half)
 
     def infer(self, items: list[Prepared]) -> tuple[list[Any], StageTimes]:
         """Run prepared images; returns one task output per image, on CPU (``Detections`` for the
         detection family, ``TopClasses`` for classify), and the stage times."""
         times = StageTimes()
         results: list[Any] = [None] * len(items)
-        groups: dict[tuple[int, int], list[int]] = {}
+        by_shape: dict[tuple[int, int], list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault(item.pixels.shape[:2], []).append(i)
+            by_shape.setdefault(self._input_hw(item), []).append(i)
+        groups = list(by_shape.items())
+
+        def stage(k: int) -> Staged:
+            return self.side.stage(lambda: self.network_input([items[i] for i in groups[k][1]]))
+
+        def forward(k: int, staged: Staged) -> list[Tensor]:
+            return list(self.backbone(self.side.take(staged)))
+
+        def finish(k: int, feats: list[Tensor]) -> None:
+            (h, w), idx = groups[k]
+            self._sync()
+            t1 = time.perf_counter()
+            outputs = self.task.postprocess(self.postprocess, feats, [items[i] for i in idx], self.nc)
+            times.postprocess += (time.perf_counter() - t1) * 1000
+            for i, out in zip(idx, outputs):
+                results[i] = out
+            times.forwards.append((len(idx), h, w))
+
+        t0 = time.perf_counter()
+        self.side.begin()
         with torch.inference_mode():
-            for (h, w), idx in groups.items():
-                t0 = time.perf_counter()
-                feats = list(self.backbone(self.to_input([items[i].pixels for i in idx])))
-                self._sync()
-                t1 = time.perf_counter()
-                outputs = self.task.postprocess(self.postprocess, feats, [items[i] for i in idx], self.nc)
-                t2 = time.perf_counter()
-                for i, out in zip(idx, outputs):
-                    results[i] = out
-                times.inference += (t1 - t0) * 1000
-                times.postprocess += (t2 - t1) * 1000
-                times.forwards.append((len(idx), h, w))
+            run_groups(len(groups), stage, forward, finish, ahead=self.side.active)
+        times.inference = (time.perf_counter() - t0) * 1000 - times.postprocess  # inputs, forwards and their waits
         return results, times
 
     def _sync(self) -> None:
+        """Wait for the forward on the current stream (CUDA), not for the next input on the side stream."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def warmup(self, runs: int = 2) -> None:
         """Run gray images through everything ``runs`` times (JIT profiling, oneDNN/cuDNN kernel choice,

@@ -28,8 +28,9 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from export.postprocess import bilinear
 
 DEPTH_STRIDE = 4  # the Depth head predicts at P2 resolution: input = map x 4 (Ultralytics' export upsamples x4)
 
@@ -55,7 +56,7 @@ class DepthPostprocess(nn.Module):
         maps = feats[0].float()  # [B, 1, h, w]
         bsz, device = maps.shape[0], maps.device
         input_hw = [int(maps.shape[2]) * self.depth_stride, int(maps.shape[3]) * self.depth_stride]
-        maps = F.interpolate(maps, size=input_hw, mode="bilinear", align_corners=True)  # [B, 1, H, W]
+        maps = bilinear(maps, input_hw, True)  # [B, 1, H, W]
         geometry = geometry.to(device=device, dtype=torch.float32)
         sizes = torch.stack((geometry[:, 5], geometry[:, 4]), 1).round().to(torch.long)  # [B, 2] (h, w)
         h_max = int(sizes[:, 0].max()) if bsz > 0 else 0
@@ -64,7 +65,7 @@ class DepthPostprocess(nn.Module):
         stats = torch.zeros((bsz, 4), dtype=torch.float32, device=device)
         for b in range(bsz):
             oh, ow = int(sizes[b, 0]), int(sizes[b, 1])
-            d = F.interpolate(maps[b : b + 1], size=[oh, ow], mode="bilinear", align_corners=True)[0, 0]  # [oh, ow]
+            d = bilinear(maps[b : b + 1], [oh, ow], True)[0, 0]  # [oh, ow]
             out[b, :oh, :ow] = d
             flat = d.flatten()
             stats[b] = torch.stack((flat.min(), flat.max(), flat.mean(), median(flat)))

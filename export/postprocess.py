@@ -58,7 +58,6 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from handler.contract import CONTRACT_VERSION  # noqa: F401 - the version this contract is (handler/contract.py)
@@ -71,6 +70,15 @@ KPT_DECODE_POSE26 = 2  # YOLO26 ``Pose26``: xy = (raw + anchor) * stride
 ANGLE_DECODE_NONE = 0  # not an OBB model
 ANGLE_DECODE_OBB = 1  # v8/v11 ``OBB``: angle = (sigmoid(raw) - 0.25) * pi, in [-pi/4, 3pi/4)
 ANGLE_DECODE_OBB26 = 2  # YOLO26 ``OBB26``: angle = raw
+
+
+def bilinear(x: Tensor, size: List[int], align_corners: bool) -> Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=...)``, the same kernel called directly.
+
+    ``torch.jit.script`` of ``F.interpolate`` compiles every branch of its body, and torch 2.14's body names
+    ``aten::_upsample_lanczos2d_aa``, which torch 2.11 does not have: a ``postprocess.pt`` saved here would not
+    load there (docs/gpu.md). The bilinear kernel itself exists in both."""
+    return torch._C._nn.upsample_bilinear2d(x, size, align_corners, None)
 
 
 def make_anchors(feats: List[Tensor], strides: List[float]) -> Tuple[Tensor, Tensor]:
@@ -380,7 +388,7 @@ def input_masks(protos: Tensor, coeffs: Tensor, boxes: Tensor, input_hw: List[in
     flat = protos.float().view(nm, -1)
     for s in range(0, coeffs.shape[0], chunk):
         logits = (coeffs[s : s + chunk].float() @ flat).view(1, -1, mh, mw)  # [1, n, mh, mw]
-        up = F.interpolate(logits, size=input_hw, mode="bilinear", align_corners=False)[0]  # [n, H_in, W_in]
+        up = bilinear(logits, input_hw, False)[0]  # [n, H_in, W_in]
         out[s : s + chunk] = crop_to_boxes(up > 0, boxes[s : s + chunk])
     return out
 
@@ -395,7 +403,7 @@ def unletterbox_masks(masks: Tensor, geometry: Tensor, chunk: int = 8) -> Tensor
     out = torch.zeros((masks.shape[0], oh, ow), dtype=torch.uint8, device=masks.device)
     for s in range(0, masks.shape[0], chunk):
         part = masks[s : s + chunk, top:bottom, left:right].float().unsqueeze(0)  # [1, n, h, w]
-        out[s : s + chunk] = (F.interpolate(part, size=[oh, ow], mode="bilinear", align_corners=False)[0] > 0.5).to(torch.uint8)
+        out[s : s + chunk] = (bilinear(part, [oh, ow], False)[0] > 0.5).to(torch.uint8)
     return out
 
 

@@ -44,8 +44,9 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from export.postprocess import bilinear
 
 IGNORE = 255  # class id of "ignore" pixels (filtered-out classes, padding), Ultralytics' value
 LOGIT_STRIDE = 8  # the SemanticSegment head predicts on P3: input = logits x 8 (Ultralytics' export upsamples x8)
@@ -78,11 +79,11 @@ def original_logits(logits: Tensor, input_hw: List[int], orig_hw: List[int]) -> 
     bilinear to the input (when the size differs), cut the padding and bilinear to ``orig_hw`` (when the input
     is not already that size), as the predictor (``align_corners=False`` both times)."""
     if logits.shape[2] != input_hw[0] or logits.shape[3] != input_hw[1]:
-        logits = F.interpolate(logits, size=input_hw, mode="bilinear", align_corners=False)
+        logits = bilinear(logits, input_hw, False)
     if input_hw[0] == orig_hw[0] and input_hw[1] == orig_hw[1]:  # scale_masks returns its input unchanged
         return logits
     top, bottom, left, right = content_window(input_hw, orig_hw)
-    return F.interpolate(logits[:, :, top:bottom, left:right], size=orig_hw, mode="bilinear", align_corners=False)
+    return bilinear(logits[:, :, top:bottom, left:right], orig_hw, False)
 
 
 class SemanticPostprocess(nn.Module):

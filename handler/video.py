@@ -32,6 +32,7 @@ import numpy as np
 from handler.config import TrackingConfig
 from handler.errors import InvalidParameter, StreamUnavailable
 from handler.params import boolean
+from handler.tasks import TASKS
 from handler.tracking import BotSortParams, Detections, FrameTracks, Stream, StreamError, StreamRegistry, TrackerParams
 from handler.tracking import tracker_name, tracker_params
 
@@ -140,8 +141,9 @@ class VideoStreams:
             raise InvalidParameter("tracking is off for this model (model-config.yaml tracking.enabled: false); "
                                    "send frames without track, stream and end")
         if not self.trackable:
+            trackable = ", ".join(name for name, task in TASKS.items() if task.trackable)
             raise InvalidParameter(f"a {self.task_name} model does not track objects: track, stream and end apply to "
-                                   "detection models (detect, pose, segment, obb)")
+                                   f"models that detect objects ({trackable})")
         if options.track is not None:
             return StreamPlan(params=self._params(options))
         try:

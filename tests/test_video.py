@@ -410,6 +410,23 @@ def test_a_frame_that_does_not_decode_leaves_the_stream_as_it_was(service, clip)
 
 
 @pytest.mark.slow
+def test_a_tracker_failure_fails_that_frame_alone(service, clip, monkeypatch):
+    sid = service.predict(png(clip[0]), track="bytetrack").body["stream"]["id"]
+    real = service.streams.track
+
+    def track(tracked, detections):
+        if tracked.stream.id == sid:
+            raise RuntimeError("a bug in the tracker")
+        return real(tracked, detections)
+
+    monkeypatch.setattr(service.streams, "track", track)
+    frame = bytearray(png(clip[1]))
+    answers = service.handle([{"body": frame, "stream": b(sid)}, {"body": frame, "track": b("botsort")}, {"body": frame}]).answers
+    assert [a.status for a in answers] == [500, 200, 200]
+    assert answers[0].body["error"]["type"] == "internal_error" and answers[1].body["stream"]["frame"] == 1
+
+
+@pytest.mark.slow
 def test_stateless_answers_are_unchanged_beside_streams(service, pose_export, sample_images):
     from handler.service import YoloService
 

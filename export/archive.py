@@ -58,9 +58,16 @@ TORCHSERVE_DEFAULTS: dict[str, object] = {
     "minWorkers": 1,
     "maxWorkers": 1,
     "batchSize": 4,
-    "maxBatchDelay": 20,
+    "maxBatchDelay": None,  # BATCH_DELAY_MS of the device it is served on
     "responseTimeout": 120,
 }
+# maxBatchDelay (ms) by the device the model is served on (docs/benchmarks.md, "Batch delay"). On CPU a forward
+# takes ~70 ms, so requests pile up while a batch runs and waiting buys little: a lone request pays the whole
+# delay in QueueTime (measured: delay + ~2 ms), and 0 makes TorchServe's batch aggregator poll (~100 ms of
+# QueueTime measured), so 2. On GPU a short wait fills batches; 20 stays until a GPU run measures the curve
+# (bench/gpu_check.py).
+BATCH_DELAY_MS = {"cpu": 2, "gpu": 20}
+DEVICES = tuple(BATCH_DELAY_MS)
 _TORCHSERVE_COMMENTS = {
     "maxBatchDelay": "ms to wait for a batch to fill",
     "responseTimeout": "s",
@@ -112,10 +119,11 @@ def tracking_section(tracking: TrackingConfig, torchserve: dict) -> list[str]:
 def model_config_yaml(
     handler_settings: dict | None = None,
     batch_size: int = 4,
-    max_batch_delay_ms: int = 20,
+    max_batch_delay_ms: int | None = None,
     torchserve: dict | None = None,
     metadata: dict | None = None,
     tracking_settings: dict | None = None,
+    device: str = "cpu",
 ) -> str:
     """The archive's ``model-config.yaml``: TorchServe's worker/batching keys, our ``handler:`` section and
     the ``tracking:`` section (``tracking_settings``).
@@ -127,7 +135,8 @@ def model_config_yaml(
     tracking = TrackingConfig.from_dict(tracking_settings or {})
     if metadata is not None:
         settings.check_model(metadata)
-    values = {**TORCHSERVE_DEFAULTS, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms, **(torchserve or {})}
+    delay = BATCH_DELAY_MS[device] if max_batch_delay_ms is None else max_batch_delay_ms
+    values = {**TORCHSERVE_DEFAULTS, "batchSize": batch_size, "maxBatchDelay": delay, **(torchserve or {})}
     lines = ["# TorchServe model settings (https://github.com/pytorch/serve/blob/master/docs/configuration.md)"]
     for key, value in values.items():
         comment = f"  # {_TORCHSERVE_COMMENTS[key]}" if key in _TORCHSERVE_COMMENTS else ""
@@ -198,6 +207,7 @@ def build_archive(
     batch_size: int = 4,
     keep_user_config: bool = False,
     tracking_settings: dict | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Write ``model-config.yaml`` into ``export_dir``, stage the handler package, run torch-model-archiver.
 
@@ -222,7 +232,9 @@ def build_archive(
         raise ArchiveError(f"{export_dir / MODEL_CONFIG_FILE}: `tracking:` must be a mapping of settings, got {user_tracking!r}")
     tracking_settings = {**(user_tracking or {}), **(tracking_settings or {})}
     try:
-        text = model_config_yaml(handler_settings, batch_size, torchserve=torchserve, metadata=metadata, tracking_settings=tracking_settings)
+        text = model_config_yaml(
+            handler_settings, batch_size, torchserve=torchserve, metadata=metadata, tracking_settings=tracking_settings, device=device
+        )
     except ValueError as e:
         raise ArchiveError(f"{export_dir / MODEL_CONFIG_FILE}: {e}") from None
     (export_dir / MODEL_CONFIG_FILE).write_text(text)

@@ -910,7 +910,9 @@ def test_kserve_layout_serves_without_token_and_without_the_envelope(tmp_path, d
     assert proc.returncode == 0, proc.stderr
     with running_layout_server(layout, tmp_path / "server") as server:
         (model,) = requests.get(f"{server.management_url}/models/yolo", timeout=30).json()
-        assert (model["batchSize"], model["maxBatchDelay"]) == (4, 20)
+        from export.archive import BATCH_DELAY_MS
+
+        assert (model["batchSize"], model["maxBatchDelay"]) == (4, BATCH_DELAY_MS["cpu"])
         assert not (server.workdir / "key_file.json").exists(), "token authorization must be off"
         r = requests.post(server.predictions_url, data=_bus_jpg(), headers={"Content-Type": "image/jpeg"}, timeout=120)
         assert r.status_code == 200, r.text

@@ -2,7 +2,7 @@
 client (tritonclient.http), no hand-built v2 JSON for the well-formed requests.
 
 Fixture chain (session): yolo11n-pose.pt -> export (conftest ``pose_export``) -> ``yolo.mar`` (batchSize 4,
-maxBatchDelay 20 ms, ``export.archive``) -> TorchServe with the repository's config.properties -> READY.
+the archive's maxBatchDelay, ``export.archive``) -> TorchServe with the repository's config.properties -> READY.
 The handler logs ``batch of N request(s): M served`` per batch; the tests read that line from model_log.log.
 
 Note: tritonclient mutates the ``headers`` dict it is given (adds Content-Encoding and

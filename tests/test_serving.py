@@ -66,7 +66,9 @@ def post_raw(server, data: bytes, content_type="image/jpeg", **kw) -> requests.R
 
 def test_ready_worker_and_batching_config(server):
     (model,) = server.describe_model()
-    assert model["modelName"] == "yolo" and model["batchSize"] == 4 and model["maxBatchDelay"] == 20
+    from export.archive import BATCH_DELAY_MS
+
+    assert model["modelName"] == "yolo" and model["batchSize"] == 4 and model["maxBatchDelay"] == BATCH_DELAY_MS["cpu"]
     assert [w["status"] for w in model["workers"]] == ["READY"]
     log = server.model_log()
     loaded = re.search(r"handler package (\S+)", log)

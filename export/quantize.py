@@ -25,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -226,6 +226,7 @@ class Int8Result:
     calibration: Drift
     held_out: Drift
     skipped: int
+    export: Any = None  # the export.exporter.ExportResult, its files and metadata updated (backbone.pt2 added)
 
 
 def quantize_export(result, calib: CalibrationSet, held_out: list[np.ndarray], accept_drift: bool = False,
@@ -262,7 +263,7 @@ def quantize_export(result, calib: CalibrationSet, held_out: list[np.ndarray], a
     rewrite_metadata(out_dir, meta)
     result.metadata = meta
     result.files.append(final)
-    return Int8Result(final, on_calib, on_held, calib.skipped)
+    return Int8Result(final, on_calib, on_held, calib.skipped, result)
 
 
 def export_int8(weights: str, out_dir: Path, calib_dir: Path | None, imgsz: list[int] | None, accept_drift: bool = False,

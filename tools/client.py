@@ -35,6 +35,8 @@ import cv2
 import numpy as np
 import requests
 
+from tools import dense_drawing
+
 DEFAULT_URL = "http://127.0.0.1:8080/predictions/yolo"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 # COCO-17 keypoint skeleton (0-based pairs), as Ultralytics draws it.
@@ -169,13 +171,17 @@ def draw(
 ) -> np.ndarray:
     """Boxes (rotated ones for OBB models), labels, semi-transparent masks (segment models) and the COCO
     skeleton (pose models) on a copy of ``image: uint8[H, W, 3]`` BGR; for a classify response, its
-    top-k labels and scores. ``color`` and ``label`` of a detection: by class and ``"class score"`` unless given."""
+    top-k labels and scores; for a semantic or depth response, ``tools/dense_drawing.py``'s pictures. ``color`` and ``label`` of a detection: by class and ``"class score"`` unless given."""
     color_of = color or (lambda det: _color(det["class_id"]))
     label_of = label or (lambda det: f"{det['class_name']} {det['score']:.2f}")
     out = image.copy()
     thick = max(1, round(sum(out.shape[:2]) / 600))
     if "top" in result:
         return _draw_top(out, result["top"], thick)
+    if "semantic" in result:  # a semantic map: colour overlay and legend
+        return dense_drawing.draw_semantic(image, result)
+    if "depth" in result:  # a depth map: colour-mapped beside the photo, with a scale bar in metres
+        return dense_drawing.draw_depth(image, result)
     for det in result["detections"]:  # masks first, so that boxes and labels stay readable
         if "mask" in det:
             mask = decode_rle(det["mask"]).astype(bool)

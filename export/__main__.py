@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="backbone format: torchscript (backbone.pt, default) or aoti (also backbone.pt2: torch.export + AOTInductor, "
         "compiled for this machine's CPU; the handler serves whichever the metadata names)",
     )
+    p.add_argument("--quantize", choices=("int8",), default=None, help="int8: quantise the backbone (torchao PT2E, X86 Inductor) into an "
+                   "AOTInductor backbone.pt2 calibrated on --calib; NOT equal to Ultralytics (the metadata says \"precision\": \"int8\"; docs/cpu-speed.md)")
+    p.add_argument("--calib", type=Path, default=None, metavar="DIR", help="calibration images for --quantize int8 (undecodable files are skipped and counted)")
+    p.add_argument("--accept-int8-drift", action="store_true", help="keep the INT8 backbone even if it keeps < 95%% of the FP32 detections")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with Ultralytics (not recommended)")
     p.add_argument("--seed", type=int, default=0, help="seed for building a .yaml model (default 0)")
     p.add_argument("--archive", action="store_true", help="also build MODEL_STORE/NAME.mar with torch-model-archiver")
@@ -64,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.imgsz = args.imgsz * 2 if len(args.imgsz) == 1 else args.imgsz
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.version):
         p.error(f"--version {args.version!r}: use letters, digits, '.', '_' or '-' (e.g. 2.0); it becomes part of a file name and a URL")
+    if args.calib is not None and args.quantize is None:
+        p.error("--calib is for --quantize int8")
     args.out = args.out or Path("exports") / args.name
     return args
 
@@ -72,16 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from export.checkpoint import ExportError
     from export.exporter import export_model
+    from export.quantize import Int8DriftError
     from export.verify import VerificationError
 
     if will_unpickle(args.weights):
         print(PICKLE_WARNING, file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        result = export_model(
-            args.weights, args.out, args.imgsz, args.name, args.head, args.letterbox, not args.no_check, args.seed,
-            backbone_format=args.format, version=args.version,
-        )
+        if args.quantize == "int8":
+            from export.quantize import export_int8
+
+            result = export_int8(
+                args.weights, args.out, args.calib, args.imgsz, args.accept_int8_drift, name=args.name, head=args.head,
+                letterbox=args.letterbox, check=not args.no_check, seed=args.seed, version=args.version,
+            ).export
+        else:
+            result = export_model(
+                args.weights, args.out, args.imgsz, args.name, args.head, args.letterbox, not args.no_check, args.seed,
+                backbone_format=args.format, version=args.version,
+            )
         if args.archive:
             from export.archive import build_archive
 
@@ -93,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Int8DriftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_MISMATCH
     except VerificationError as e:
         print(f"error: export does not match Ultralytics: {e}", file=sys.stderr)
         return EXIT_MISMATCH

@@ -60,6 +60,12 @@ METADATA_KEYS: dict[str, str] = {
 }
 
 
+# Optional keys: present only where they apply, so older exports stay valid.
+OPTIONAL_METADATA_KEYS: dict[str, str] = {
+    "precision": "'int8' for an INT8 backbone (python -m export --quantize int8); absent: fp32",
+}
+
+
 class ArtifactError(RuntimeError):
     """The exported files are missing, inconsistent, or of another contract version."""
 

@@ -31,6 +31,7 @@ class ModelInfo:
     names: Sequence[str]
     nkpt: int  # 0 for models without keypoints
     version: str = "1.0"
+    precision: str = "fp32"  # "int8": an INT8 backbone (python -m export --quantize int8), not equal to Ultralytics
 
     @classmethod
     def from_metadata(cls, meta: dict, name: str | None = None, version: str | None = None) -> "ModelInfo":
@@ -43,6 +44,7 @@ class ModelInfo:
             names=list(meta["names"]),
             nkpt=kpt_shape[0] if kpt_shape else 0,
             version=str(version or meta["model_version"]),
+            precision=str(meta.get("precision", "fp32")),
         )
 
 
@@ -57,15 +59,15 @@ def score(v: float) -> float:
 
 
 def response_body(info: ModelInfo, width: int, height: int, key: str, results: Any, speed_ms: dict[str, float]) -> dict:
-    """The body of one answered request, keys in schema order."""
-    return {
-        "model": info.name,
-        "model_version": info.version,
-        "task": info.task,
-        "image": {"width": int(width), "height": int(height)},
-        key: results,
-        "speed_ms": {k: round(float(v), MS_DECIMALS) for k, v in speed_ms.items()},
-    }
+    """The body of one answered request, keys in schema order. ``"precision"`` is there only when the
+    backbone is not the FP32 export (INT8), the one case where the answer is not Ultralytics' own."""
+    body: dict = {"model": info.name, "model_version": info.version}
+    if info.precision != "fp32":
+        body["precision"] = info.precision
+    body.update(task=info.task, image={"width": int(width), "height": int(height)})
+    body[key] = results
+    body["speed_ms"] = {k: round(float(v), MS_DECIMALS) for k, v in speed_ms.items()}
+    return body
 
 
 def encode_response(body: dict) -> str:

@@ -221,7 +221,8 @@ def test_model_description_names_the_classes_and_parameters(server):
     assert r.status_code == 200, r.text
     import json
 
-    custom = json.loads(r.json()[0]["customizedMetadata"])
+    custom = r.json()[0]["customizedMetadata"]  # TorchServe parses the handler's JSON text
+    custom = json.loads(custom) if isinstance(custom, str) else custom
     assert custom["task"] == "pose" and custom["names"] == ["person"] and custom["kpt_shape"] == [17, 3]
     assert custom["parameters"] == ["conf", "iou", "max_det", "classes", "polygons"] and custom["imgsz"] == [640, 640]
 

@@ -117,10 +117,12 @@ class Management:
 
 def _served_task(mgmt: Management, name: str, version: str) -> str | None:
     """The task the serving version declares in its description (None when it gives none)."""
-    try:
-        custom = json.loads(mgmt.describe(name, version).get("customizedMetadata") or "{}")
-    except (ValueError, TypeError):
-        return None
+    custom = mgmt.describe(name, version).get("customizedMetadata") or {}
+    if isinstance(custom, str):  # TorchServe parses the handler's JSON text when it can
+        try:
+            custom = json.loads(custom)
+        except ValueError:
+            return None
     return custom.get("task") if isinstance(custom, dict) else None
 
 

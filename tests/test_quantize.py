@@ -74,6 +74,7 @@ def test_refusal_below_min_recall_unless_accepted():
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_int8_export_reports_drift_and_serves(tmp_path, pose_weights, sample_images):
     from export.quantize import export_int8
     from handler.service import YoloService
@@ -92,5 +93,20 @@ def test_int8_export_reports_drift_and_serves(tmp_path, pose_weights, sample_ima
     assert meta["precision"] == INT8 and meta["format"] == "aoti" and meta["backbone"] == "backbone.pt2"
     service = YoloService.from_dir(tmp_path / "out")
     answer = service.predict(sample_images[1].read_bytes())
-    assert answer.status == 200
+    assert answer.status == 200 and answer.body["precision"] == INT8
     assert type(service.pipeline.backbone).__name__ == "AotiBackbone"
+    # through a real TorchServe: the .mar carries the INT8 backbone.pt2 and every answer says so
+    import requests
+
+    from export.archive import build_archive
+    from tools.server import running_server
+
+    store = build_archive(tmp_path / "out", "yolo", tmp_path / "store", handler_settings={"warmup": 1}).parent
+    with running_server(store, tmp_path / "torchserve", block_ultralytics=True) as server:
+        r = requests.post(server.predictions_url, data=sample_images[1].read_bytes(),
+                          headers={**server.headers(), "Content-Type": "image/jpeg"}, timeout=300)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["precision"] == INT8 and body["detections"], body
+        # the served answer is the in-process one (same INT8 backbone), up to rounding
+        assert [d["class_id"] for d in body["detections"]] == [d["class_id"] for d in answer.body["detections"]]

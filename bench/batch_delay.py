@@ -32,7 +32,7 @@ import torch
 
 from bench.inprocess import generated_frame
 from bench.served import Client, run_load
-from export.archive import archiver_command, model_config_yaml, stage_handler_code
+from export.archive import BATCH_DELAY_MS, archiver_command, model_config_yaml, stage_handler_code
 from handler.service import YoloService
 from tools.server import running_server
 
@@ -82,8 +82,7 @@ def measure(server, service: YoloService, images: dict[str, bytes], rounds: int,
             t0 = time.perf_counter()
             answer = service.predict(data)
             l1.append((time.perf_counter() - t0) * 1000)
-            r = requests.post(client.url, data=data, headers=client.headers, timeout=300)
-            stages.append(r.json()["speed_ms"])
+            stages.append(client.check(data)["speed_ms"])
         out["c1"][name] = {
             "S_p50": float(np.median(s)), "L1_p50": float(np.median(l1)), "S/L1": float(np.median(s) / np.median(l1)),
             "handler_ms": {k: float(np.median([st[k] for st in stages])) for k in ("preprocess", "inference", "postprocess")},
@@ -105,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delays", default="0,1,2,5,10,20", help="maxBatchDelay values, ms")
     p.add_argument("--layouts", default="1x2,1x1,2x1", help="workers x threads layouts measured at --layout-delay")
     p.add_argument("--layout-delay", type=int, default=None, help="delay for the layout sweep (default: the best at concurrency 1)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="batchSize of the delay curve")
+    p.add_argument("--no-batch1", action="store_true", help="skip the batchSize 1 point (no batching wait at all)")
+    p.add_argument("--layout-batch", type=int, default=1, help="batchSize of the layout sweep")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--concurrency", default="1,4,16")
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         frame = generated_frame(work / "frame_3840x2160.jpg", sample_images()[0])
         images = {p.name: p.read_bytes() for p in [*sample_images(), frame]}
 
-        def run(delay: int, layout: Layout) -> dict:
-            store = work / f"store_{delay}_{layout.workers}_{layout.threads}"
-            build(export.out_dir, store, delay, layout, args.batch)
+        def run(delay: int, layout: Layout, batch: int = args.batch) -> dict:
+            store = work / f"store_{delay}_{layout.workers}_{layout.threads}_{batch}"
+            build(export.out_dir, store, delay, layout, batch)
             torch.set_num_threads(layout.threads)
             service = YoloService.from_dir(export.out_dir)
             with running_server(store, work / f"ts_{delay}_{layout.label.replace(' ', '')}_{time.monotonic_ns()}") as server:
@@ -141,14 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             for delay in (delays if rep % 2 == 0 else delays[::-1]):
                 print(f"pass {rep + 1}: maxBatchDelay {delay} ms, {default_layout.label}", file=sys.stderr, flush=True)
                 results["delays"].setdefault(str(delay), []).append(run(delay, default_layout))
+            if not args.no_batch1:
+                print(f"pass {rep + 1}: batchSize 1, {default_layout.label}", file=sys.stderr, flush=True)
+                results.setdefault("batch1", []).append(run(BATCH_DELAY_MS["cpu"], default_layout, 1))
         best = args.layout_delay
         if best is None:
             best = min(delays, key=lambda d: np.mean([r["c1"]["bus.jpg"]["S_p50"] for r in results["delays"][str(d)]]))
-        results["layout_delay"] = best
+        results["layout_delay"], results["layout_batch"] = best, args.layout_batch
         for rep in range(args.repeat):
             for layout in (layouts if rep % 2 == 0 else layouts[::-1]):
-                print(f"pass {rep + 1}: {layout.label} at {best} ms", file=sys.stderr, flush=True)
-                results["layouts"].setdefault(layout.label, []).append(run(best, layout))
+                print(f"pass {rep + 1}: {layout.label} at {best} ms, batchSize {args.layout_batch}", file=sys.stderr, flush=True)
+                results["layouts"].setdefault(layout.label, []).append(run(best, layout, args.layout_batch))
     print(to_markdown(results, concurrency))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
@@ -177,7 +181,9 @@ def to_markdown(results: dict, concurrency: list[int]) -> str:
         return "| " + " | ".join(cells) + " |"
 
     lines += [row(d, runs) for d, runs in results["delays"].items()]
-    lines += ["", f"Thread layouts at maxBatchDelay {results['layout_delay']} ms:", "", "| layout" + " | ".join([""] + head[1:]) + " |",
+    if results.get("batch1"):
+        lines.append(row("batchSize 1 (no wait)", results["batch1"]))
+    lines += ["", f"Thread layouts at maxBatchDelay {results['layout_delay']} ms, batchSize {results.get('layout_batch', results.get('batch', 4))}:", "", "| layout" + " | ".join([""] + head[1:]) + " |",
               "|" + "---|" * len(head)]
     lines += [row(label, runs) for label, runs in results["layouts"].items()]
     first = next(iter(results["delays"].values()))[0]["c1"][names[0]]["handler_ms"]
@@ -195,11 +201,17 @@ def plot(results: dict, concurrency: list[int], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name in next(iter(results["delays"].values()))[0]["c1"]:
         axes[0].plot(delays, [np.mean([r["c1"][name]["S_p50"] for r in results["delays"][str(d)]]) for d in delays], "o-", label=name)
+        if results.get("batch1"):
+            axes[0].axhline(np.mean([r["c1"][name]["S_p50"] for r in results["batch1"]]), ls="--", color=axes[0].lines[-1].get_color(),
+                            label=f"{name}, batchSize 1")
     axes[0].set(xlabel="maxBatchDelay (ms)", ylabel="p50 at concurrency 1 (ms)", title="lone requests")
     axes[0].legend()
     for c in concurrency:
         if c > 1:
             axes[1].plot(delays, [np.mean([r["load"][str(c)]["images_per_s"] for r in results["delays"][str(d)]]) for d in delays], "o-", label=f"concurrency {c}")
+            if results.get("batch1"):
+                axes[1].axhline(np.mean([r["load"][str(c)]["images_per_s"] for r in results["batch1"]]), ls="--",
+                                color=axes[1].lines[-1].get_color(), label=f"concurrency {c}, batchSize 1")
     axes[1].set(xlabel="maxBatchDelay (ms)", ylabel="images/s", title="throughput")
     axes[1].legend()
     fig.tight_layout()

@@ -9,21 +9,25 @@ the archive: handler, serialized file and nothing else (same workers, ``batchSiz
 
 from __future__ import annotations
 
+import http.client
+import json
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
-import requests
+import torch
 
-from export.archive import MODEL_CONFIG_FILE, archiver_command, model_config_yaml, stage_handler_code
+from export.archive import BATCH_DELAY_MS, MODEL_CONFIG_FILE, archiver_command, model_config_yaml, stage_handler_code
 from tools.server import TorchServe
 
 BASELINE_HANDLER = Path(__file__).resolve().with_name("baseline_handler.py")
-MAX_BATCH_DELAY_MS = 20  # the archive default (export/archive.py), for S and T alike
+# the archive's default for the device the workers run on (export/archive.py), for S and T alike
+MAX_BATCH_DELAY_MS = BATCH_DELAY_MS["gpu" if torch.cuda.is_available() else "cpu"]
 
 
 @dataclass(frozen=True)
@@ -84,39 +88,61 @@ def build_baseline(weights: Path, store: Path, name: str, cfg: ServerConfig) -> 
 
 
 class Client:
-    """HTTP client of one server: keep-alive sessions per thread (or a new connection per request)."""
+    """HTTP client of one server: one keep-alive ``http.client`` connection per thread (or a new
+    connection per request).
+
+    ``http.client`` rather than ``requests``: a load generator should cost as little as it can, and on
+    the 2-core machine ``requests`` adds 1.2-2.3 ms to every call (``python -m bench.breakdown``, the
+    line under its table), which would be counted as served latency. S and T get the same client."""
 
     def __init__(self, server: TorchServe, keep_alive: bool = True) -> None:
         self.url = server.predictions_url
         self.headers = {**server.headers(), "Content-Type": "image/jpeg"}
+        parts = urlsplit(self.url)
+        self.host, self.port, self.path = parts.hostname, parts.port, parts.path
         self.keep_alive = keep_alive
         self._local = threading.local()
 
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None) if self.keep_alive else None
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=300)
+            if self.keep_alive:
+                self._local.conn = conn
+        return conn
+
+    def request(self, data: bytes) -> tuple[float, int, bytes]:
+        """One request: (latency ms, status, body)."""
+        conn = self._connection()
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", self.path, body=data, headers=self.headers)
+            r = conn.getresponse()
+            body = r.read()
+        except (http.client.HTTPException, OSError):
+            conn.close()
+            self._local.conn = None
+            raise
+        ms = (time.perf_counter() - t0) * 1000
+        if not self.keep_alive:
+            conn.close()
+        return ms, r.status, body
+
     def post(self, data: bytes) -> float:
         """One request; returns its latency in ms. Raises on a non-200 answer."""
-        if self.keep_alive:
-            session = getattr(self._local, "session", None)
-            if session is None:
-                session = self._local.session = requests.Session()
-            send = session.post
-        else:
-            send = requests.post  # a new TCP connection per request
-        t0 = time.perf_counter()
-        r = send(self.url, data=data, headers=self.headers, timeout=300)
-        ms = (time.perf_counter() - t0) * 1000
-        if r.status_code != 200:
-            raise RuntimeError(f"{self.url} answered {r.status_code}: {r.text[:300]}")
+        ms, status, body = self.request(data)
+        if status != 200:
+            raise RuntimeError(f"{self.url} answered {status}: {body[:300]!r}")
         return ms
-
 
     def check(self, data: bytes) -> dict:
         """One request whose answer must be 200 with a JSON body that has ``detections`` (S and T alike)."""
-        r = requests.post(self.url, data=data, headers=self.headers, timeout=300)
-        if r.status_code != 200:  # (TorchServe sends no Content-Type unless the handler sets one; T does not)
-            raise RuntimeError(f"{self.url} answered {r.status_code}: {r.text[:300]}")
-        body = r.json()
+        _, status, text = self.request(data)
+        if status != 200:  # (TorchServe sends no Content-Type unless the handler sets one; T does not)
+            raise RuntimeError(f"{self.url} answered {status}: {text[:300]!r}")
+        body = json.loads(text)
         if "detections" not in body:
-            raise RuntimeError(f"{self.url} answered without detections: {r.text[:300]}")
+            raise RuntimeError(f"{self.url} answered without detections: {text[:300]!r}")
         return body
 
 

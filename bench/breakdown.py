@@ -60,6 +60,7 @@ class Variant:
 
     overrides: dict = field(default_factory=dict)
     batch: int | None = None
+    env: dict = field(default_factory=dict)  # added to the server's environment (the workers inherit it)
 
 
 # measured by --variants (TorchServe 0.12 keys, docs/configuration.md upstream)
@@ -69,6 +70,9 @@ VARIANTS: dict[str, Variant] = {
     "netty 1+1": Variant({"number_of_netty_threads": "1", "netty_client_threads": "1"}),
     "netty 4+4": Variant({"number_of_netty_threads": "4", "netty_client_threads": "4"}),
     "async_logging": Variant({"async_logging": "true"}),
+    "direct buffers": Variant({"prefer_direct_buffer": "true"}),
+    "omp passive": Variant(env={"OMP_WAIT_POLICY": "PASSIVE"}),
+    "gomp spin 10k": Variant(env={"GOMP_SPINCOUNT": "10000"}),
     "jvm serial gc": Variant({"vmargs": "-XX:+UseSerialGC"}),
     "jvm parallel gc": Variant({"vmargs": "-XX:+UseParallelGC"}),
     "jvm g1 8m": Variant({"vmargs": "-XX:G1HeapRegionSize=8m"}),
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         build(export.out_dir, store, args.delay, layout, v.batch or args.batch)
                     print(f"{model}: starting {variant}", file=sys.stderr, flush=True)
-                    server = servers.enter_context(running_server(store, work / f"ts_{model}_{i}", model=model, overrides=v.overrides))
+                    server = servers.enter_context(running_server(store, work / f"ts_{model}_{i}", model=model, overrides=v.overrides,
+                                                                     env=v.env))
                     probes[variant] = Probe(server, model)
                 results["models"][model] = measure(probes, images, args.rounds, service)
         if args.protocol:

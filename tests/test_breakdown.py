@@ -57,7 +57,7 @@ def test_a_short_run_splits_lone_requests(tmp_path, capsys):
         # batchSize 4: a lone request waits the whole maxBatchDelay for a second one, in TorchServe's QueueTime
         assert f["queue"] >= results["delay_ms"] - 0.5, (name, f)
         assert 0 < f["job"] < f["rtt"] and f["stages"] == 0.0
-        assert sum(f[p] for p in breakdown.PARTS) == pytest.approx(f["rtt"], abs=1e-6)
+        assert f["http"] > 0 and f["frontend+ipc"] > 0 and f["job"] >= f["queue"]  # medians, each part its own
     for f in figs["batchSize 1"].values():
         assert f["queue"] >= 0 and f["rtt"] > 0
     assert figs["_requests_client"]["bus.jpg"] > 0

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -28,10 +29,13 @@ def store(pose_export, tmp_path_factory) -> Path:
 
 
 def test_two_servers_side_by_side(store, tmp_path, sample_images):
-    """Each has its own TMPDIR and TEMP (the worker socket), so both serve at once."""
+    """Each has its own TMPDIR and TEMP (the worker socket), so both serve at once. ``env`` reaches the
+    workers of its own server only (bench.breakdown's environment variants)."""
     data = sample_images[0].read_bytes()
-    with running_server(store, tmp_path / "a") as a, running_server(store, tmp_path / "b") as b:
+    with running_server(store, tmp_path / "a", env={"YOLO_TS_TEST_MARK": "a"}) as a, running_server(store, tmp_path / "b") as b:
         assert a.env["TEMP"] != b.env["TEMP"] and a.env["TMPDIR"] == a.env["TEMP"]
+        marks = {name: {psutil.Process(pid).environ().get("YOLO_TS_TEST_MARK") for pid in s.worker_pids()} for name, s in (("a", a), ("b", b))}
+        assert marks == {"a": {"a"}, "b": {None}}, marks
         for s in (a, b):
             r = requests.post(s.predictions_url, data=data, headers={**s.headers(), "Content-Type": "image/jpeg"}, timeout=120)
             assert r.status_code == 200 and r.json()["detections"], r.text

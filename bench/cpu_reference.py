@@ -3,7 +3,7 @@
 The alternatives are Ultralytics' own ONNX and OpenVINO exports (dynamic shapes), run bare (an ONNX
 Runtime session, an OpenVINO compiled model) and through ``YOLO(exported).predict``. Beside them, the
 FP32 levers that stay inside torch (``--levers``): ``torch.jit.freeze``, ``freeze`` +
-``optimize_for_inference``, and oneDNN graph fusion of the frozen backbone (``handler/backbone_opt.py``).
+``optimize_for_inference``, and oneDNN graph fusion of the frozen backbone (``bench/backbone_opt.py``).
 
 One process, one interleaved run: every round calls every case once, in turn, so machine noise hits all of
 them alike. Every engine runs with the same thread count (torch, ORT ``intra_op_num_threads``, OpenVINO
@@ -128,7 +128,7 @@ def ultralytics_predictor(path: Path, threads: int, source: str) -> Callable[[],
 def run(exports: Exports, threads: int, rounds: int, levers: bool, int8: Path | None = None,
         log: Callable[[str], None] = print) -> dict:
     """One interleaved run at ``threads``; returns {"forward": {case: ms}, "file": {case: ms}, "levers": {...}}."""
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
     from handler.service import YoloService
 
     torch.set_num_threads(threads)
@@ -158,7 +158,7 @@ def run(exports: Exports, threads: int, rounds: int, levers: bool, int8: Path | 
     }
     lever_info: dict[str, dict] = {}
     if levers:
-        from handler.backbone_opt import BACKBONE_OPTS, optimise_backbone
+        from bench.backbone_opt import BACKBONE_OPTS, optimise_backbone
 
         for opt in BACKBONE_OPTS[1:]:
             gc.collect()
@@ -208,7 +208,7 @@ def first_call_costs(exports: Exports, threads: int, shapes: list[tuple[int, int
     """Per lever: the first four calls at each of ``shapes`` (what a request at a new shape pays), then the
     time and memory to warm every rect shape of imgsz 640 at load (``rect_shapes``), and the p50 at 640x480
     after that (does the executor keep its fast plan once it has seen 39 shapes?)."""
-    from handler.backbone_opt import BACKBONE_OPTS, optimise_backbone, rect_shapes, warm_shapes
+    from bench.backbone_opt import BACKBONE_OPTS, optimise_backbone, rect_shapes, warm_shapes
     from handler.pipeline import YoloPipeline
 
     torch.set_num_threads(threads)

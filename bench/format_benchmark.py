@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(export_dir: Path, runs: int, threads: int) -> int:
     from export.aoti import torchscript_pipeline
     from export.exporter import sample_images
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
     from handler.pipeline import YoloPipeline
 
     torch.set_num_threads(threads)

@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))  # run as a file or as -m from the repo root alike
 
 from handler.config import HandlerConfig  # noqa: E402
 from handler.contract import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, check_metadata  # noqa: E402
-from handler.decode import decode_image  # noqa: E402
+from handler.image.decode import decode_image  # noqa: E402
 from handler.pipeline import YoloPipeline  # noqa: E402
 from handler.response import encode_response  # noqa: E402
 from handler.service import PreparedRequest, YoloService  # noqa: E402
@@ -344,8 +344,8 @@ def section_tests(run: Run, pytest_k: str | None) -> dict:
 
 
 def section_letterbox(run: Run) -> dict:
-    from handler import letterbox_torch
-    from handler.letterbox import letterbox
+    from handler.image import letterbox_torch
+    from handler.image.letterbox import letterbox
 
     pose = run.model_dirs()["pose"]
     ref = torch.load(pose / REFERENCE_FILE, weights_only=True)

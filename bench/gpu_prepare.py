@@ -122,7 +122,7 @@ def write_images(out: Path) -> list[Path]:
 def references(model_dir: Path, options: dict, images: list[Path]) -> dict:
     """``{"kind": "rows" | "top", "outputs": {image: Tensor}, "letterboxed": {image: uint8[H, W, 3]}}`` on CPU,
     preprocess cpu: ``rows`` are ``Detections.rows`` (``float32[n, ncols]``), ``top`` is ``TopClasses.top``."""
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
     from handler.pipeline import YoloPipeline
 
     pipe = YoloPipeline.from_dir(model_dir, "cpu")

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from handler.decode import decode_image
+from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 from handler.response import encode_response
 from handler.service import YoloService
@@ -122,7 +122,7 @@ class InProcess:
 
     def postprocess_inputs(self, name: str, hw: tuple[int, int] = (640, 640)):
         """Backbone outputs for ``name`` letterboxed square to ``hw`` (640x640: 8400 anchors), and its arguments."""
-        from handler.letterbox import letterbox
+        from handler.image.letterbox import letterbox
 
         pixels, params = letterbox(decode_image(self.images[name].data), list(hw), self.pipeline.stride, "square")
         with torch.inference_mode():
@@ -144,7 +144,7 @@ def levers(proc: InProcess, name: str, rounds: int, thread_counts: list[int]) ->
     """Each speed lever's alternatives on ``name`` at each torch thread count, interleaved round by
     round; ``{lever: {alternative: {threads: median ms}}}``. Comparing the thread columns of the
     backbone rows is the torch-threads lever."""
-    from handler.letterbox import letterbox
+    from handler.image.letterbox import letterbox
 
     pipe = proc.pipeline
     data = proc.images[name].data

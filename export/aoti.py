@@ -28,9 +28,9 @@ from torch import Tensor
 from export.backbone import RawHead
 from export.checkpoint import LoadedModel
 from export.verify import VerificationError
-from handler.aoti_backbone import AOTI_MAX_BATCH, AOTI_MAX_SIDE, AOTI_METADATA_KEY
 from handler.contract import BACKBONE_FILE
 from handler.pipeline import YoloPipeline
+from handler.runtime.aoti import AOTI_MAX_BATCH, AOTI_MAX_SIDE, AOTI_METADATA_KEY
 
 RAW_TOL = 5e-4  # Inductor fuses and reorders differently: raw outputs agree to ~1e-4, not bit for bit
 # "identical detections": same count, classes and order; boxes and keypoints (pixels) and scores within

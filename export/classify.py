@@ -2,7 +2,7 @@
 
 Contract of the traced ``backbone.pt`` of a classify model:
   input   ``images: float32[B, 3, H, W]`` (float16 when the handler runs half on CUDA), RGB, 0..1, the
-          output of the classification transform (``handler/preprocess.py``); any B, any H and W
+          output of the classification transform (``handler/image/classify_crop.py``); any B, any H and W
           (the head pools globally), normally the exported ``imgsz``.
   output  a 1-tuple ``(logits: float32[B, nc],)``: the ``Classify`` head's linear output *before* its
           softmax (in eval mode Ultralytics' head returns ``(softmax, logits)``; we keep the logits and

@@ -4,7 +4,7 @@ Plain torch, ``torch.jit.script``-able; ``postprocess.pt`` loads with ``torch.ji
 It reproduces Ultralytics 8.4.190 ``DepthPredictor.postprocess`` (``ultralytics/models/yolo/depth/predict.py``)
 on the same tensor: bilinear (``align_corners=True``) to the network input for the whole batch, then
 bilinear (``align_corners=True``) from the input to each original size. The input is the stretched image
-(``handler/stretch.py``, Ultralytics' ``LetterBox(scale_fill=True)``), so the whole input maps onto the whole
+(``handler/image/stretch.py``, Ultralytics' ``LetterBox(scale_fill=True)``), so the whole input maps onto the whole
 original image and no padding is cut.
 
 Contract of :class:`DepthPostprocess.forward`:
@@ -12,7 +12,7 @@ Contract of :class:`DepthPostprocess.forward`:
 Inputs
   feats     list of one tensor ``depth: [B, 1, H / 4, W / 4]``, float32 or float16, metres (> 0): the traced
             backbone's output (``export/backbone.py``, ``WholeNetwork``) for a stretched input ``B x 3 x H x W``.
-  geometry  ``float32[B, 6]``, rows of ``LetterboxParams.as_row()`` of :func:`handler.stretch.stretch`
+  geometry  ``float32[B, 6]``, rows of ``LetterboxParams.as_row()`` of :func:`handler.image.stretch.stretch`
             (``[0, 0, gain_x, gain_y, orig_w, orig_h]``); only ``orig_w, orig_h`` are read.
 
 Outputs

@@ -12,11 +12,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from export import verify
 from export.backbone import trace_backbone
 from export.checkpoint import ExportError, HeadChoice, LoadedModel, load_model
 from export.metadata import build_metadata, to_json
 from export.tasks import EXPORT_TASKS, export_task
-from export import verify
 from handler.contract import (
     AOTI_BACKBONE_FILE,
     AOTI_FORMAT,
@@ -26,7 +26,7 @@ from handler.contract import (
     POSTPROCESS_FILE,
     TORCHSCRIPT_FORMAT,
 )
-from handler.decode import decode_image
+from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from export.checkpoint import ExportError, LoadedModel
 from handler.contract import AOTI_BACKBONE_FILE, AOTI_FORMAT, AOTI_METADATA_KEY, BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE
-from handler.decode import ImageDecodeError, decode_image
+from handler.image.decode import ImageDecodeError, decode_image
 from handler.pipeline import YoloPipeline
 
 MATCH_IOU = 0.9
@@ -100,7 +100,7 @@ def quantized_program(loaded: LoadedModel, fp32: YoloPipeline, calib: list[np.nd
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from export.backbone import RawHead
-    from handler.aoti_backbone import AOTI_MAX_BATCH, AOTI_MAX_SIDE
+    from handler.runtime.aoti import AOTI_MAX_BATCH, AOTI_MAX_SIDE
 
     h, w = fp32.imgsz
     s = loaded.max_stride
@@ -234,7 +234,7 @@ def quantize_export(result, calib: CalibrationSet, held_out: list[np.ndarray], a
     """Turn the FP32 TorchScript export ``result`` (``export.exporter.ExportResult``) into an INT8 ``--format aoti``
     export in place. Raises :class:`Int8DriftError` when the recall on either set is below :data:`MIN_RECALL`
     and not ``accept_drift`` (the export directory then keeps the FP32 files, unchanged)."""
-    from handler.aoti_backbone import load_aoti_backbone
+    from handler.runtime.aoti import load_aoti_backbone
 
     out_dir: Path = result.out_dir
     fp32 = YoloPipeline.from_dir(out_dir)

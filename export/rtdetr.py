@@ -5,7 +5,7 @@ It reproduces Ultralytics 8.4.190 on the same decoder output: ``RTDETRDecoder.po
 all (query, class) pairs, ``ultralytics/nn/modules/head.py``) followed by ``RTDETRPredictor.postprocess``
 (``ultralytics/models/rtdetr/predict.py``: cxcywh -> xyxy, ``score > conf``, the class filter, the first
 ``max_det``, times the original width and height). NMS-free; a query may appear with two classes, as in
-Ultralytics. The input was stretched (``handler/stretch.py``), so normalised coordinates map to the original
+Ultralytics. The input was stretched (``handler/image/stretch.py``), so normalised coordinates map to the original
 image by its width and height alone.
 
 Contract of :class:`RTDETRPostprocess.forward`, the signature and outputs of ``YoloPostprocess`` (detect) so
@@ -14,7 +14,7 @@ that the detect task serves it unchanged:
 Inputs
   feats       list of one tensor ``queries: [B, Q, 4 + nc]``, float32 or float16 (``export/backbone.py``,
               ``RTDETRQueries``): normalised ``cx, cy, w, h`` of the network input, then ``nc`` sigmoid scores.
-  geometry    ``float32[B, 6]``, rows of ``LetterboxParams.as_row()`` of :func:`handler.stretch.stretch`;
+  geometry    ``float32[B, 6]``, rows of ``LetterboxParams.as_row()`` of :func:`handler.image.stretch.stretch`;
               only ``orig_w, orig_h`` (columns 4, 5) are read.
   conf        ``float32[B]``: keep detections whose score is strictly greater.
   iou         ``float32[B]``: ignored (NMS-free; Ultralytics' RT-DETR predictor ignores it too).

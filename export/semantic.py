@@ -9,7 +9,7 @@ Contract of :class:`SemanticPostprocess.forward`:
 Inputs
   feats       list of one tensor ``logits: [B, nc, H / 8, W / 8]``, float32 or float16: the traced
               backbone's output (``export/backbone.py``, ``WholeNetwork``) for a letterboxed input
-              ``B x 3 x H x W`` (``handler/letterbox.py``; all B images share H x W).
+              ``B x 3 x H x W`` (``handler/image/letterbox.py``; all B images share H x W).
   geometry    ``float32[B, 6]``, rows of ``LetterboxParams.as_row()``:
               ``[pad_left, pad_top, gain_x, gain_y, orig_w, orig_h]``. Only ``orig_w, orig_h`` are read: the
               predictor calls ``ops.scale_masks(logits, orig_shape)`` *without* the letterbox's ratio_pad, so

@@ -22,7 +22,7 @@ from export.depth import DepthPostprocess
 from export.postprocess import YoloPostprocess
 from export.rtdetr import RTDETRPostprocess
 from export.semantic import SemanticPostprocess
-from handler.decode import decode_image
+from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 
 Step = Callable[[str], AbstractContextManager]  # ``with step("what"):`` times and logs one check

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from export.backbone import RawHead, raw_network
 from export.checkpoint import LoadedModel, build_yolo
-from handler.decode import decode_image
-from handler.letterbox import LetterboxParams
+from handler.image.decode import decode_image
+from handler.image.letterbox import LetterboxParams
 from handler.pipeline import YoloPipeline
 from handler.tasks.classify import TopK
 from handler.tasks.detect import Thresholds, threshold_tensors

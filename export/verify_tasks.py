@@ -34,9 +34,9 @@ from torch import Tensor
 
 from export.checkpoint import LoadedModel, build_yolo
 from export.verify import Tolerance, VerificationError, compare_detections
-from handler.decode import decode_image
-from handler.letterbox import LetterboxParams, letterbox
-from handler.stretch import stretch
+from handler.image.decode import decode_image
+from handler.image.letterbox import LetterboxParams, letterbox
+from handler.image.stretch import stretch
 
 SEMANTIC_SHARE = 0.995  # issue 15: share of pixels equal to results.semantic_mask
 DEPTH_P99_REL = 1e-3  # issue 15: relative error at the 99th percentile of pixels, against results.depth
@@ -74,7 +74,7 @@ def _predictor(loaded: LoadedModel, imgsz: int | Sequence[int], image_path: str 
 def transform(
     loaded: LoadedModel, image: np.ndarray, imgsz: int | Sequence[int], letterbox_mode: str = "rect"
 ) -> tuple[np.ndarray, LetterboxParams]:
-    """The serving transform of ``loaded``'s task: :func:`handler.stretch.stretch` for depth and RT-DETR (their
+    """The serving transform of ``loaded``'s task: :func:`handler.image.stretch.stretch` for depth and RT-DETR (their
     predictors set ``scale_fill``), else the letterbox."""
     if loaded.task in ("depth", "rtdetr"):
         return stretch(image, _hw(imgsz))

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from handler.letterbox import LETTERBOX_MODES
+from handler.image.letterbox import LETTERBOX_MODES
 from handler.tracking.params import BotSortParams, ByteTrackParams, TrackerParams, tracker_name, tracker_params
 
 _SECTION = "handler"
@@ -83,7 +83,7 @@ class HandlerConfig:
     half: bool = False
     max_image_pixels: int = 40_000_000
     warmup: int = 2
-    torch_threads: int = 0  # 0: auto, see handler/device.py set_threads
+    torch_threads: int = 0  # 0: auto, see handler/runtime/device.py set_threads
     cpu_fallback: bool = False  # see yolo_handler.YoloHandler.initialize
     preprocess: str = "cpu"  # one of PREPROCESS_MODES
 

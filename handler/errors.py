@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from handler.decode import ImageDecodeError, ImageTooLargeError
+from handler.image.decode import ImageDecodeError, ImageTooLargeError
 
 
 class RequestError(Exception):
@@ -58,7 +58,7 @@ class UnsupportedMediaType(RequestError):
 
 
 def from_decode_error(error: ValueError) -> RequestError:
-    """``handler.decode`` errors -> the matching :class:`RequestError`."""
+    """``handler.image.decode`` errors -> the matching :class:`RequestError`."""
     if isinstance(error, ImageTooLargeError):
         return ImageTooLarge(str(error))
     if isinstance(error, ImageDecodeError) and error.unsupported:

@@ -9,17 +9,15 @@ each image's own geometry and options. A result therefore never depends on which
 its batch. What the outputs are is the task's (``handler/tasks/``).
 
 ``preprocess="device"`` moves the transform to the model's device: :meth:`YoloPipeline.prepare` only computes
-the geometry (``handler/letterbox.py``), and the decoded uint8 image is uploaded (pinned memory,
-``non_blocking``) and letterboxed, converted and normalised there (``handler/letterbox_torch.py``), with the
+the geometry (``handler/image/letterbox.py``), and the decoded uint8 image is uploaded (pinned memory,
+``non_blocking``) and letterboxed, converted and normalised there (``handler/image/letterbox_torch.py``), with the
 same pixels and the same network input as on the CPU. On CUDA, each group's input is made on a side stream
-while the previous group's forward runs (``handler/overlap.py``), in either mode.
+while the previous group's forward runs (``handler/runtime/overlap.py``), in either mode.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,19 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from handler import letterbox_torch
 from handler.config import PREPROCESS_MODES
-from handler.contract import (
-    AOTI_FORMAT,
-    BACKBONE_FILE,
-    METADATA_FILE,
-    POSTPROCESS_FILE,
-    ArtifactError,
-    check_metadata,
-)
-from handler.letterbox import LETTERBOX_MODES, LetterboxParams, letterbox_params
-from handler.overlap import SideStream, Staged, run_groups
-from handler.stretch import stretch_params
+from handler.image import letterbox_torch
+from handler.image.letterbox import LETTERBOX_MODES, LetterboxParams, letterbox_params
+from handler.image.stretch import stretch_params
+from handler.runtime.artifacts import load_artifacts
+from handler.runtime.overlap import SideStream, Staged, run_groups
 from handler.tasks import Prepared, Task, task_for
 
 Placement = Callable[[tuple[int, int]], LetterboxParams]  # (orig_h, orig_w) -> where the image goes
@@ -54,40 +45,6 @@ class StageTimes:
     inference: float = 0.0
     postprocess: float = 0.0
     forwards: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, H, W) of each backbone call
-
-
-def _jit_load(path: Path, device: torch.device) -> tuple[torch.jit.ScriptModule, dict]:
-    extra = {METADATA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=FutureWarning)  # torch.jit.* deprecation notices in torch 2.14
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    if not extra[METADATA_FILE]:
-        raise ArtifactError(f"{path} has no embedded {METADATA_FILE}; re-export it with `python -m export`")
-    return module.eval(), json.loads(extra[METADATA_FILE])
-
-
-def load_artifacts(model_dir: str | Path, device: torch.device) -> tuple[Any, torch.jit.ScriptModule, dict]:
-    """Load the backbone (``backbone.pt``, or ``backbone.pt2`` when the metadata says ``"format": "aoti"``) and
-    ``postprocess.pt`` from ``model_dir`` onto ``device`` and check their metadata."""
-    model_dir = Path(model_dir)
-    if not (model_dir / POSTPROCESS_FILE).is_file():
-        raise ArtifactError(f"{model_dir / POSTPROCESS_FILE} not found; export the model with `python -m export`")
-    postprocess, meta_p = _jit_load(model_dir / POSTPROCESS_FILE, device)
-    backbone_file = meta_p.get("backbone", BACKBONE_FILE)  # the metadata names the backbone's format and file
-    if not (model_dir / backbone_file).is_file():
-        raise ArtifactError(f"{model_dir / backbone_file} not found; export the model with `python -m export`")
-    if meta_p.get("format") == AOTI_FORMAT:
-        from handler.aoti_backbone import load_aoti_backbone  # imports Inductor: only for .pt2 exports
-
-        try:
-            backbone, meta_b = load_aoti_backbone(model_dir / backbone_file, device)
-        except ValueError as e:
-            raise ArtifactError(str(e)) from None
-    else:
-        backbone, meta_b = _jit_load(model_dir / backbone_file, device)
-    if meta_b != meta_p:
-        raise ArtifactError(f"{backbone_file} and {POSTPROCESS_FILE} come from different exports; export both again")
-    return backbone, postprocess, check_metadata(meta_p, str(model_dir / POSTPROCESS_FILE))
 
 
 def bgr_to_rgb_into(pixels: list[np.ndarray], out: np.ndarray) -> None:
@@ -156,7 +113,7 @@ class YoloPipeline:
         if preprocess == "device":
             self.placement = device_placement(self.transform, self.imgsz, self.stride, self.letterbox_mode)
             if self.placement is None:
-                raise ValueError(f"handler.preprocess: device needs a letterbox or stretch transform; this {self.task.name} "
+                raise ValueError(f"handler.image.classify_crop: device needs a letterbox or stretch transform; this {self.task.name} "
                                  "model's transform runs on the CPU only; write `preprocess: cpu`")
         self.side = SideStream(self.device)  # CUDA: inputs are made beside the forward
         self.backbone = backbone.half() if half else backbone

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from handler import video
 from handler.errors import InvalidImage, InvalidParameter, UnsupportedMediaType
-from handler.params import text
+from handler.request_values import text
 from handler.tasks import ALL_PARAMETERS, ResponseOptions, Task
 
 IMAGE_FIELDS: tuple[str, ...] = ("image", "data", "file")  # multipart fields that may carry the image

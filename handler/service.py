@@ -32,11 +32,12 @@ import torch
 
 from handler import oip
 from handler.config import HandlerConfig, TrackingConfig
-from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
-from handler.pipeline import StageTimes, YoloPipeline, load_artifacts
+from handler.image.decode import ImageDecodeError, ImageTooLargeError, decode_image
+from handler.pipeline import StageTimes, YoloPipeline
 from handler.request import parse_request
 from handler.response import ModelInfo, encode_response, response_body
+from handler.runtime.artifacts import load_artifacts
 from handler.tasks import Prepared, ResponseOptions
 from handler.video import STREAM_HEADER, StreamPlan, TrackedFrame, VideoStreams
 

@@ -31,10 +31,19 @@ import numpy as np
 
 from handler.config import TrackingConfig
 from handler.errors import InvalidParameter, StreamUnavailable
-from handler.params import boolean
+from handler.request_values import boolean
 from handler.tasks import TASKS
-from handler.tracking import BotSortParams, Detections, FrameTracks, Stream, StreamError, StreamRegistry, TrackerParams
-from handler.tracking import tracker_name, tracker_params
+from handler.tracking import (
+    BotSortParams,
+    Detections,
+    FrameTracks,
+    Stream,
+    StreamError,
+    StreamRegistry,
+    TrackerParams,
+    tracker_name,
+    tracker_params,
+)
 
 STREAM_HEADER = "X-Stream-Id"  # request header (continue a stream) and response header (the stream's id)
 STREAM_PARAMETERS: tuple[str, ...] = ("track", "stream", "end")

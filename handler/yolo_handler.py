@@ -2,7 +2,7 @@
 
 TorchServe calls :meth:`YoloHandler.initialize` once per worker and :meth:`YoloHandler.handle` once
 per batch. Everything else is the service's: request parsing (``handler/request.py``), decoding
-(``handler/decode.py``), each task's transform, postprocessor call and JSON (``handler/tasks/``), the
+(``handler/image/decode.py``), each task's transform, postprocessor call and JSON (``handler/tasks/``), the
 batched forward (``handler/pipeline.py``), the settings (``handler/config.py``) and the status codes
 (``handler/errors.py``). It imports neither ultralytics nor ``export``: the worker runs from the
 ``.mar`` alone (``backbone.pt``, ``postprocess.pt``, ``metadata.json`` and this ``handler/`` package,
@@ -21,8 +21,8 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.config import HandlerConfig, TrackingConfig
-from handler.device import CPU, CudaUnavailableError, select_device, set_threads
 from handler.response import encode_response
+from handler.runtime.device import CPU, CudaUnavailableError, select_device, set_threads
 from handler.service import YoloService
 
 logger = logging.getLogger(__name__)

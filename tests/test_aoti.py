@@ -12,17 +12,18 @@ import zipfile
 import pytest
 import requests
 import torch
+from serving_support import assert_same_response, check_schema
 
 from export.__main__ import parse_args
 from export.aoti import torchscript_pipeline
 from export.archive import build_archive
 from export.exporter import export_model
-from tools.server import running_server
-from handler.aoti_backbone import AOTI_BACKBONE_FILE, AOTI_MAX_BATCH, AOTI_MAX_SIDE, AotiBackbone, load_aoti_backbone
-from handler.decode import decode_image
-from handler.pipeline import YoloPipeline, load_artifacts
+from handler.image.decode import decode_image
+from handler.pipeline import YoloPipeline
+from handler.runtime.aoti import AOTI_BACKBONE_FILE, AOTI_MAX_BATCH, AOTI_MAX_SIDE, AotiBackbone, load_aoti_backbone
+from handler.runtime.artifacts import load_artifacts
 from handler.service import YoloService
-from serving_support import assert_same_response, check_schema
+from tools.server import running_server
 
 RAW_TOL = 5e-4  # issue 6: against TorchScript, <= 5e-4 on raw outputs
 
@@ -107,7 +108,7 @@ def test_archive_holds_the_pt2_instead_of_the_traced_backbone(aoti_export, tmp_p
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
-    assert {AOTI_BACKBONE_FILE, "postprocess.pt", "metadata.json", "handler/aoti_backbone.py"} <= names
+    assert {AOTI_BACKBONE_FILE, "postprocess.pt", "metadata.json", "handler/runtime/aoti.py"} <= names
     assert "backbone.pt" not in names
     assert manifest["model"]["serializedFile"] == AOTI_BACKBONE_FILE
 

@@ -1,12 +1,12 @@
-"""handler/backbone_opt.py: the rewritten backbones give the plain backbone's detections (within 1e-3)."""
+"""bench/backbone_opt.py: the rewritten backbones give the plain backbone's detections (within 1e-3)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from handler.backbone_opt import BACKBONE_OPTS, optimise_backbone, rect_shapes
-from handler.decode import decode_image
+from bench.backbone_opt import BACKBONE_OPTS, optimise_backbone, rect_shapes
+from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 
 DET_TOL = 1e-3  # boxes, keypoints (pixels) and scores
@@ -36,12 +36,12 @@ def test_same_detections(plain, sample_images, opt):
 
 
 def test_unknown_option_names_the_choices(plain):
-    with pytest.raises(ValueError, match="backbone_opt must be one of"):
+    with pytest.raises(ValueError, match="backbone rewrite must be one of"):
         optimise_backbone(plain.backbone, "fast")
 
 
 def test_not_torchscript_is_refused():
-    with pytest.raises(ValueError, match="backbone_opt: none"):
+    with pytest.raises(ValueError, match="use opt none"):
         optimise_backbone(torch.nn.Identity(), "freeze")
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from serving_support import assert_same_response, check_schema, make_context, response_rows, run_batch
 
-from tools.bad_inputs import BOMB_SIDE, bad_probes, odd_images, odd_sizes, png_bomb
 from export.verify import Tolerance, compare_detections, ultralytics_predict
 from handler.tasks.detect import Thresholds
-from serving_support import assert_same_response, check_schema, response_rows
-from serving_support import make_context, run_batch
+from tools.bad_inputs import BOMB_SIDE, bad_probes, odd_images, odd_sizes, png_bomb
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,7 @@ def test_gif_rejection_says_why(handler):
 
 def test_bomb_is_413_from_the_header_without_decoding(handler, monkeypatch):
     """60000x60000 declared: 413 before OpenCV decodes a single pixel (no imdecode call at all)."""
-    import handler.decode as decode
+    import handler.image.decode as decode
 
     calls = []
 

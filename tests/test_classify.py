@@ -13,11 +13,11 @@ import torch
 
 from export.classify import ClassifyPostprocess
 from export.verify import CLASSIFY_PROB_TOL, VerificationError, check_classify_decode, check_classify_predict
-from handler.decode import decode_image
 from handler.errors import InvalidParameter
-from handler.letterbox import letterbox
+from handler.image.classify_crop import classify_params, classify_transform
+from handler.image.decode import decode_image
+from handler.image.letterbox import letterbox
 from handler.pipeline import YoloPipeline
-from handler.preprocess import classify_params, classify_transform
 from handler.request import parse_request
 from handler.tasks import TASKS, task_for
 from handler.tasks.classify import TopK
@@ -176,9 +176,10 @@ def test_default_imgsz_is_what_predict_uses(tmp_path):
 
 @pytest.fixture(scope="module")
 def cls_handler(tmp_path_factory):
+    from serving_support import make_context
+
     from export.exporter import export_model
     from handler.yolo_handler import YoloHandler
-    from serving_support import make_context
 
     result = export_model("yolo11n-cls.yaml", tmp_path_factory.mktemp("cls_handler"), [224, 224], check=False, log=lambda _: None)
     ctx = make_context(result.out_dir)

@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.utils
 
-from handler.decode import decode_image
-from handler.letterbox import letterbox
+from handler.image.decode import decode_image
+from handler.image.letterbox import letterbox
 from handler.pipeline import YoloPipeline
 from handler.service import YoloService
 from handler.tasks.detect import Thresholds
@@ -89,7 +89,7 @@ def rows_of(body: dict, nkpt: int) -> np.ndarray:
 
 @pytest.mark.parametrize("hw", [(1080, 810), (720, 1280), (1280, 1280), (100, 37), (1, 50), (50, 1), (481, 640), (640, 480)])
 def test_cpp_letterbox_is_bit_exact(cpp_binary, pose_export, tmp_path, hw):
-    """The C++ letterbox (torch ops) equals handler/letterbox.py (cv2.INTER_LINEAR) pixel for pixel."""
+    """The C++ letterbox (torch ops) equals handler/image/letterbox.py (cv2.INTER_LINEAR) pixel for pixel."""
     image = np.random.default_rng(hw[0] * 7919 + hw[1]).integers(0, 256, (*hw, 3), dtype=np.uint8)
     meta = pose_export.metadata
     expected, _ = letterbox(image, meta["imgsz"], meta["max_stride"], meta["letterbox"])

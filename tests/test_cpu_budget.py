@@ -1,4 +1,4 @@
-"""handler/cpu_budget.py: the CPUs a process may use (affinity, cgroup v1/v2 quota) and auto threads.
+"""handler/runtime/cpu_budget.py: the CPUs a process may use (affinity, cgroup v1/v2 quota) and auto threads.
 
 The quota tests build fake cgroup trees in ``tmp_path`` (a ``/proc/self/cgroup`` file and the
 controller files the kernel would show) and point the function at them. The affinity tests pin a
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.cpu_budget import CpuBudget, auto_threads, cpu_budget, threads_per_worker, tightest_quota
+from handler.runtime.cpu_budget import CpuBudget, auto_threads, cpu_budget, threads_per_worker, tightest_quota
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _PRINT_BUDGET = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from handler.cpu_budget import affinity_cpus, auto_threads, cpu_budget
+from handler.runtime.cpu_budget import affinity_cpus, auto_threads, cpu_budget
 b = cpu_budget()
 print(json.dumps({"affinity": affinity_cpus(), "cpus": b.cpus, "threads": auto_threads(1).threads, "reason": b.reason}))
 """
@@ -77,7 +77,7 @@ def test_unpinned_process_sees_its_whole_affinity_capped_by_the_real_quota():
 def real_quota_cgroup():
     """A child cgroup of this machine's CPU controller with a 1.5-CPU quota (like ``docker --cpus 1.5``);
     skipped where this process may not create one. Removed afterwards."""
-    from handler.cpu_budget import CGROUP_ROOT, PROC_SELF_CGROUP, find_cgroup_cpu
+    from handler.runtime.cpu_budget import CGROUP_ROOT, PROC_SELF_CGROUP, find_cgroup_cpu
 
     try:
         cg = find_cgroup_cpu(CGROUP_ROOT, PROC_SELF_CGROUP)
@@ -255,7 +255,7 @@ def test_missing_cgroup_root_and_missing_proc_file_fall_back_to_affinity(tmp_pat
     _write(proc, "0::/\n")
     assert cpu_budget(tmp_path / "nothing", proc, affinity=2).cpus == 2
     # /proc/self/cgroup itself missing: affinity, with a warning that names the file
-    with caplog.at_level(logging.WARNING, logger="handler.cpu_budget"):
+    with caplog.at_level(logging.WARNING, logger="handler.runtime.cpu_budget"):
         b = cpu_budget(tmp_path / "nothing", tmp_path / "no_such_proc_file", affinity=2)
     assert b.cpus == 2 and "unreadable" in b.reason
     assert "no_such_proc_file" in caplog.text
@@ -264,7 +264,7 @@ def test_missing_cgroup_root_and_missing_proc_file_fall_back_to_affinity(tmp_pat
 def test_v1_period_file_missing_falls_back_to_affinity(tmp_path, caplog):
     root, proc = v1_tree(tmp_path, {"/": ("150000", "100000")})
     (root / "cpu,cpuacct" / "cpu.cfs_period_us").unlink()
-    with caplog.at_level(logging.WARNING, logger="handler.cpu_budget"):
+    with caplog.at_level(logging.WARNING, logger="handler.runtime.cpu_budget"):
         b = cpu_budget(root, proc, affinity=2)
     assert b.cpus == 2 and b.quota is None
     assert "cpu.cfs_period_us" in caplog.text
@@ -275,7 +275,7 @@ def test_v1_period_file_missing_falls_back_to_affinity(tmp_path, caplog):
 )
 def test_garbage_cpu_max_falls_back_to_affinity_with_a_log_line(tmp_path, caplog, cpu_max):
     root, proc = v2_tree(tmp_path, {"/": cpu_max})
-    with caplog.at_level(logging.WARNING, logger="handler.cpu_budget"):
+    with caplog.at_level(logging.WARNING, logger="handler.runtime.cpu_budget"):
         b = cpu_budget(root, proc, affinity=2)
     assert (b.cpus, b.quota) == (2, None)
     assert "cpu.max" in caplog.text and "using the CPU affinity alone" in caplog.text
@@ -285,7 +285,7 @@ def test_garbage_cpu_max_falls_back_to_affinity_with_a_log_line(tmp_path, caplog
 @pytest.mark.parametrize("quota,period", [("lots", "100000"), ("0", "100000"), ("150000", "-1"), ("150000", "")])
 def test_garbage_v1_files_fall_back_to_affinity(tmp_path, caplog, quota, period):
     root, proc = v1_tree(tmp_path, {"/": (quota, period)})
-    with caplog.at_level(logging.WARNING, logger="handler.cpu_budget"):
+    with caplog.at_level(logging.WARNING, logger="handler.runtime.cpu_budget"):
         assert cpu_budget(root, proc, affinity=3).cpus == 3
     assert "cpu.cfs_" in caplog.text
 
@@ -294,7 +294,7 @@ def test_unreadable_cpu_max_falls_back(tmp_path, caplog):
     """A directory where the file should be: reading raises OSError, which is caught."""
     root, proc = v2_tree(tmp_path, {"/": None})
     (root / "cpu.max").mkdir()
-    with caplog.at_level(logging.WARNING, logger="handler.cpu_budget"):
+    with caplog.at_level(logging.WARNING, logger="handler.runtime.cpu_budget"):
         assert cpu_budget(root, proc, affinity=2).cpus == 2
     assert "cpu.max" in caplog.text
 
@@ -325,6 +325,6 @@ def test_auto_threads_divides_the_budget_and_says_why(tmp_path):
 
 
 def test_auto_threads_without_a_budget_measures_this_process(monkeypatch):
-    monkeypatch.setattr("handler.cpu_budget.cpu_budget", lambda: CpuBudget(6, 6, None, "test budget -> 6 CPUs"))
+    monkeypatch.setattr("handler.runtime.cpu_budget.cpu_budget", lambda: CpuBudget(6, 6, None, "test budget -> 6 CPUs"))
     choice = auto_threads(4)
     assert choice.threads == 1 and choice.reason == "test budget -> 6 CPUs / 4 workers -> 1 thread"

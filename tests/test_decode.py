@@ -1,4 +1,4 @@
-"""handler/decode.py must give the pixels Ultralytics reads from the same file."""
+"""handler/image/decode.py must give the pixels Ultralytics reads from the same file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from ultralytics.utils.patches import imread
 
-from handler.decode import ImageDecodeError, ImageTooLargeError, decode_image
+from handler.image.decode import ImageDecodeError, ImageTooLargeError, decode_image
 
 
 def _pil_bytes(array: np.ndarray, fmt: str, mode: str | None = None, orientation: int | None = None) -> bytes:

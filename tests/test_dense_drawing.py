@@ -6,8 +6,8 @@ import base64
 
 import numpy as np
 
-from handler.dense_encoding import encode_class_map_png, encode_depth_png16
-from handler.mask_encoding import encode_rle
+from handler.encoding.dense import encode_class_map_png, encode_depth_png16
+from handler.encoding.masks import encode_rle
 from tools.dense_drawing import class_color, draw_depth, draw_semantic, semantic_class_map
 
 

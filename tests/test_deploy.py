@@ -234,7 +234,7 @@ def test_cpu_requests_and_limits_are_set_and_whole():
 def test_manifests_say_how_torch_threads_follow_the_limit():
     for path in (DEPLOY / "k8s" / "deployment.yaml", DEPLOY / "kserve" / "inferenceservice.yaml"):
         text = path.read_text()
-        assert "torch_threads" in text and "handler/cpu_budget.py" in text, path
+        assert "torch_threads" in text and "handler/runtime/cpu_budget.py" in text, path
 
 
 # ---------------------------------------------------------------- KServe: the CRD by hand, the config
@@ -869,7 +869,7 @@ def test_image_entrypoint_serves_a_request(tmp_path, deploy_store):
         assert (run_dir / "tmp" / ".model_server.pid").exists() and (run_dir / "logs" / "model_log.log").exists()
         worker_log = (run_dir / "logs" / "model_log.log").read_text(errors="replace")
         assert "loaded yolo" in worker_log
-        # torch_threads 0 (auto) from handler/cpu_budget.py: the affinity of 1 CPU, not os.cpu_count()
+        # torch_threads 0 (auto) from handler/runtime/cpu_budget.py: the affinity of 1 CPU, not os.cpu_count()
         assert re.search(r"loaded yolo .* threads=1 ", worker_log), re.findall(r"loaded yolo .*", worker_log)
         pids = _group_pids(proc.pid)
         assert len(pids) >= 3, "the launcher, the Java frontend and a worker, all in the entrypoint's group"

@@ -13,8 +13,9 @@ import torch
 from export import verify
 from export.__main__ import main
 from export.exporter import export_model
-from handler.decode import decode_image
-from handler.pipeline import YoloPipeline, load_artifacts
+from handler.image.decode import decode_image
+from handler.pipeline import YoloPipeline
+from handler.runtime.artifacts import load_artifacts
 
 REPO = Path(__file__).resolve().parents[1]
 

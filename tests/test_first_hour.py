@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from tools.client import KEY_FILE_STALE, draw, label_origin
 from tools.client import main as client_main

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from export import verify
-from handler.decode import decode_image
+from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -12,14 +12,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from serving_support import assert_same_response, check_schema, make_context, run_batch
+from ts.context import RequestProcessor
 
 from handler.config import HandlerConfig
-from handler.errors import InvalidImage, InvalidParameter, RequestError, UnsupportedMediaType
+from handler.errors import InvalidImage, InvalidParameter, UnsupportedMediaType
 from handler.request import parse_request
 from handler.tasks import task_for
 from handler.tasks.detect import Thresholds
-from serving_support import assert_same_response, check_schema, make_context, run_batch
-from ts.context import RequestProcessor
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
 COCO_NAMES = ["person", "bicycle", "car"]
@@ -304,7 +304,7 @@ def test_bad_config_fails_at_initialize(pose_export):
 def test_auto_threads_share_the_usable_cpus_among_workers(monkeypatch, yaml, workers):
     import torch
 
-    from handler import cpu_budget, device
+    from handler.runtime import cpu_budget, device
 
     monkeypatch.setattr(cpu_budget, "affinity_cpus", lambda: 8)
     monkeypatch.setattr(cpu_budget, "tightest_quota", lambda *a, **k: None)

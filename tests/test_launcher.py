@@ -4,7 +4,6 @@ TorchServe can rewrite ``key_file.json``, and a worker that cannot load reported
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,8 +14,9 @@ import pytest
 import requests
 
 from export.archive import archiver_command, build_archive, stage_handler_code
+from tools.serve import main as serve_main
+from tools.serve import worker_error
 from tools.server import ServerError, attach, busy_ports, configured_ports, running_server, start_server
-from tools.serve import main as serve_main, worker_error
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""handler/letterbox.py must equal ultralytics.data.augment.LetterBox pixel for pixel."""
+"""handler/image/letterbox.py must equal ultralytics.data.augment.LetterBox pixel for pixel."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ultralytics.data.augment import LetterBox
 
-from handler.letterbox import letterbox, letterbox_params
+from handler.image.letterbox import letterbox, letterbox_params
 
 SIZES = [
     (1, 1), (1, 640), (640, 1), (1, 3000), (3000, 1), (2, 7), (7, 2), (17, 33), (100, 100), (239, 320),

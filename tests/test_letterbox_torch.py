@@ -1,4 +1,4 @@
-"""handler/letterbox_torch.py must equal handler/letterbox.py (OpenCV, Ultralytics) pixel for pixel, on CPU
+"""handler/image/letterbox_torch.py must equal handler/image/letterbox.py (OpenCV, Ultralytics) pixel for pixel, on CPU
 tensors and, where there is one, on CUDA; and its network input must equal YoloPipeline.to_input's."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from handler import letterbox_torch as lt
-from handler.letterbox import letterbox, letterbox_params
+from handler.image import letterbox_torch as lt
+from handler.image.letterbox import letterbox, letterbox_params
+from handler.image.stretch import stretch
 from handler.pipeline import YoloPipeline
-from handler.stretch import stretch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]

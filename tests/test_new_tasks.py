@@ -24,7 +24,7 @@ import torch
 from export.depth import DepthPostprocess, median
 from export.rtdetr import RTDETRPostprocess
 from export.semantic import IGNORE, SemanticPostprocess, class_map_dtype
-from handler.dense_encoding import (
+from handler.encoding.dense import (
     DenseTooLarge,
     b64,
     decode_class_map_png,
@@ -35,8 +35,8 @@ from handler.dense_encoding import (
     encode_depth_png16,
     encode_float32,
 )
-from handler.letterbox import letterbox
-from handler.stretch import stretch, stretch_params
+from handler.image.letterbox import letterbox
+from handler.image.stretch import stretch, stretch_params
 
 
 def _script(module: torch.nn.Module) -> torch.jit.ScriptModule:
@@ -259,8 +259,9 @@ def test_rtdetr_postprocess_equals_predictor(conf, max_det, classes):
 
 
 def test_depth_png16_round_trip_through_pil():
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     depth = np.exp(np.random.default_rng(0).normal(size=(37, 53))).astype(np.float32)
     png, lo, hi = encode_depth_png16(depth)
@@ -287,8 +288,9 @@ def test_float32_round_trip_and_limit():
 
 @pytest.mark.parametrize("dtype,high", [(np.uint8, 19), (np.int16, 300)])
 def test_class_map_png_round_trip_through_pil(dtype, high):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     cmap = np.random.default_rng(2).integers(0, high, (41, 29)).astype(dtype)
     cmap[0, 0] = IGNORE
@@ -302,7 +304,7 @@ def test_class_map_png_round_trip_through_pil(dtype, high):
 def test_class_rle_round_trips_through_pycocotools():
     from pycocotools import mask as coco
 
-    from handler.mask_encoding import encode_rle
+    from handler.encoding.masks import encode_rle
 
     cmap = np.random.default_rng(3).integers(0, 4, (23, 31)).astype(np.uint8)
     for c in range(4):
@@ -370,7 +372,7 @@ def family(request, tmp_path_factory, sample_images):
     """(LoadedModel, traced backbone, scripted postprocessor) of a widened seeded model saved as a .pt."""
     from export.backbone import trace_backbone
     from export.checkpoint import _resolve_source, build_yolo, load_model
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
 
     task, yaml = request.param, FAMILIES[request.param]
     yolo = build_yolo(yaml, _resolve_source(yaml), SEED)
@@ -445,7 +447,7 @@ def test_rtdetr_trace_with_a_warm_anchor_cache_still_generalises(family):
 @pytest.mark.slow
 def test_transform_equals_predictor_pre_transform(family, sample_images):
     from export import verify_tasks
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
 
     loaded = family[0]
     for path in sample_images:
@@ -466,7 +468,7 @@ def test_decode_equals_predictor_postprocess(family, sample_images):
 @pytest.mark.slow
 def test_decode_with_a_class_filter(family, sample_images):
     from export import verify_tasks
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
 
     loaded, traced, post = family
     if loaded.task == "depth":
@@ -491,8 +493,7 @@ def test_decode_with_a_class_filter(family, sample_images):
 @pytest.mark.slow
 def test_pipeline_equals_model_predict(family, sample_images):
     from export import verify_tasks
-
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
 
     loaded, traced, post = family
     for path in sample_images:
@@ -515,7 +516,7 @@ def _figure(task: str, figure: float) -> str:
 @pytest.mark.slow
 def test_depth_png16_within_one_step_of_the_float_map(family, sample_images):
     from export import verify_tasks
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
 
     loaded, traced, post = family
     if loaded.task != "depth":

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from test_new_tasks import FAMILIES, SEED, _save_fp32, _widen_outputs
 
 from export.verify import Tolerance, compare_detections
-from handler.dense_encoding import decode_class_map_png, decode_depth_png16, decode_float32, depth_step
-from test_new_tasks import FAMILIES, SEED, _save_fp32, _widen_outputs
+from handler.encoding.dense import decode_class_map_png, decode_depth_png16, decode_float32, depth_step
 from tools.client import decode_rle
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -28,7 +28,7 @@ def served(request, tmp_path_factory, sample_images):
     """(task, checkpoint, running server) for each family, exported and archived by the CLI itself."""
     from export.__main__ import main as export_main
     from export.checkpoint import _resolve_source, build_yolo
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
     from tools.server import running_server
 
     task, yaml = request.param, FAMILIES[request.param]

@@ -1,4 +1,4 @@
-"""``preprocess: device`` (handler/pipeline.py) and the overlap of input and forward (handler/overlap.py).
+"""``preprocess: device`` (handler/pipeline.py) and the overlap of input and forward (handler/runtime/overlap.py).
 
 On a CPU device ``preprocess: device`` must give exactly the results of ``cpu``; on CUDA (skipped here with a
 reason when there is none) it must too, and the side stream must order its inputs before their forwards."""
@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from handler.config import HandlerConfig
-from handler.decode import decode_image
-from handler.letterbox import letterbox, letterbox_params
-from handler.overlap import SideStream, run_groups
+from handler.image.classify_crop import classify_transform
+from handler.image.decode import decode_image
+from handler.image.letterbox import letterbox, letterbox_params
+from handler.image.stretch import stretch, stretch_params
 from handler.pipeline import YoloPipeline, device_placement
-from handler.preprocess import classify_transform
-from handler.stretch import stretch, stretch_params
+from handler.runtime.overlap import SideStream, run_groups
 from handler.tasks import TASKS
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -9,28 +9,26 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import requests
-import torch
+from serving_support import make_context
+from ts.context import Context, RequestProcessor
 
 from export import verify
 from export.archive import build_archive
 from export.exporter import export_model
-from tools.server import REPO_ROOT, running_server
-from tools.client import decode_rle, draw
-from handler.decode import decode_image
+from handler.encoding.masks import encode_rle, mask_polygon, rle_counts
 from handler.errors import InvalidParameter
-from handler.mask_encoding import encode_rle, mask_polygon, rle_counts
+from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 from handler.request import parse_request
 from handler.tasks import task_for
 from handler.tasks.detect import Thresholds
-from serving_support import make_context
-from ts.context import Context, RequestProcessor
+from tools.client import decode_rle, draw
+from tools.server import REPO_ROOT, running_server
 
 mask_api = pytest.importorskip("pycocotools.mask", reason="pycocotools (the test extra) proves RLE compatibility")
 # pycocotools 2.0 decodes through a numpy-1 __array__ signature; numpy 2 warns on every call

@@ -24,9 +24,7 @@ from ultralytics.trackers.utils import kalman_filter as u_kf  # noqa: E402
 from ultralytics.trackers.utils import matching as u_matching  # noqa: E402
 from ultralytics.utils import YAML, IterableSimpleNamespace  # noqa: E402
 
-from handler.tracking import (BotSortParams, ByteTrackParams, Detections, create_tracker,  # noqa: E402
-                              tracker_params)
-from handler.tracking import kalman, matching  # noqa: E402
+from handler.tracking import BotSortParams, ByteTrackParams, Detections, create_tracker, kalman, matching, tracker_params  # noqa: E402  # noqa: E402
 from handler.tracking.gmc import GlobalMotion  # noqa: E402
 
 TRACKER_YAML = Path(ultralytics.__file__).parent / "cfg" / "trackers"
@@ -317,7 +315,7 @@ def test_empty_and_degenerate_detections():
 
 @pytest.mark.parametrize("method", ["sparseOptFlow", "orb", "sift", "ecc", "none"])
 def test_gmc_equals_ultralytics_on_the_clip(method):
-    from tools.test_clip import make_clip
+    from tools.make_clip import make_clip
 
     clip = make_clip(6 if method != "ecc" else 3)
     ours, theirs = GlobalMotion(method), u_gmc.GMC(method=method)
@@ -332,7 +330,7 @@ def test_gmc_equals_ultralytics_on_the_clip(method):
 
 
 def test_test_clip_is_deterministic():
-    from tools.test_clip import DEFAULT_FRAMES, make_clip
+    from tools.make_clip import DEFAULT_FRAMES, make_clip
 
     a, b = make_clip(), make_clip()
     assert len(a) == DEFAULT_FRAMES >= 40
@@ -368,7 +366,7 @@ def test_clip_tracks_equal_yolo_track(name, pose_weights, pose_export):
     from ultralytics import YOLO
 
     from handler.pipeline import YoloPipeline
-    from tools.test_clip import make_clip
+    from tools.make_clip import make_clip
 
     clip = make_clip()
     pipeline = YoloPipeline.from_dir(pose_export.out_dir)
@@ -413,7 +411,7 @@ class FakeClock:
 
 
 def test_stream_registry_life_cycle():
-    from handler.tracking.streams import StreamError, StreamRegistry
+    from handler.tracking.registry import StreamError, StreamRegistry
 
     clock = FakeClock()
     reg = StreamRegistry(max_streams=2, idle_s=5.0, clock=clock)

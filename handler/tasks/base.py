@@ -16,13 +16,18 @@ benchmark ask the task object; none of them compares task names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 from torch import Tensor
 
-from handler.preprocess import ImageParams, ImageTransform
+from handler.image.classify_crop import CropParams
+from handler.image.letterbox import LetterboxParams
 from handler.response import ModelInfo
+
+ImageParams = Union[LetterboxParams, CropParams]  # where an image went in the network input
+# uint8[H, W, 3] BGR -> (uint8[h, w, 3] BGR network input, its geometry)
+ImageTransform = Callable[[np.ndarray], "tuple[np.ndarray, ImageParams]"]
 
 
 @dataclass(frozen=True)

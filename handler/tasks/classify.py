@@ -1,7 +1,7 @@
 """Image classification: resized + cropped image -> logits -> softmax top-k -> ``"top"``.
 
 Request parameter: ``top_k`` (1..1000; above ``nc`` all classes). Transform: Ultralytics' resize +
-center crop (:func:`handler.preprocess.classify_transform`). Postprocessor:
+center crop (:func:`handler.image.classify_crop.classify_transform`). Postprocessor:
 :class:`export.classify.ClassifyPostprocess` (inputs ``feats, top_k``; outputs ``scores, class_ids,
 counts``; contract in ``export/classify.py``).
 
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from handler import params as p
+from handler import request_values as p
 from handler.errors import InvalidParameter
-from handler.preprocess import classify_transform
+from handler.image.classify_crop import classify_transform
 from handler.response import ModelInfo, score
 from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task
 

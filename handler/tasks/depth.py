@@ -1,7 +1,7 @@
 """Monocular depth (``Depth`` head): metres per pixel.
 
 Request parameter: ``encoding`` (``png16``, the default, or ``float32``); detection parameters are a
-400 for that request. Transform: :func:`handler.stretch.stretch`, ``DepthPredictor``'s ``scale_fill``
+400 for that request. Transform: :func:`handler.image.stretch.stretch`, ``DepthPredictor``'s ``scale_fill``
 (stretched to ``imgsz``, no letterbox). Postprocessor: :class:`export.depth.DepthPostprocess` (inputs
 ``feats, geometry``; outputs ``depth float32[B, H0, W0]`` metres, ``sizes int64[B, 2]``,
 ``stats float32[B, 4]``; contract in ``export/depth.py``).
@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from handler.dense_encoding import DenseTooLarge, b64, encode_depth_png16, encode_float32
+from handler.encoding.dense import DenseTooLarge, b64, encode_depth_png16, encode_float32
 from handler.errors import ResponseTooLarge
+from handler.image.stretch import stretch
 from handler.response import ModelInfo
-from handler.stretch import stretch
 from handler.tasks.base import ImageTransform, Prepared, Task
 from handler.tasks.semantic import Encoding, choice
 

@@ -2,7 +2,7 @@
 
 Request parameters: ``conf``, ``iou``, ``max_det``, ``classes`` (ids or names) and ``polygons`` (which
 only a segment model uses; the others accept and ignore it). Transform: the one letterbox
-(``handler/letterbox.py``). Postprocessor: :class:`export.postprocess.YoloPostprocess`, whose contract
+(``handler/image/letterbox.py``). Postprocessor: :class:`export.postprocess.YoloPostprocess`, whose contract
 (inputs ``feats, geometry, conf, iou, max_det, class_mask``; outputs ``detections, counts, masks``) is
 written down in ``export/postprocess.py``.
 
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from handler import params as p
+from handler import request_values as p
 from handler.errors import InvalidParameter
-from handler.letterbox import LETTERBOX_MODES, letterbox
+from handler.image.letterbox import LETTERBOX_MODES, letterbox
 from handler.response import ModelInfo, px, score
 from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task
 from handler.tracking import Detections as TrackerDetections

@@ -1,7 +1,7 @@
 """RT-DETR detectors (``RTDETRDecoder`` head): the detection family with its own transform.
 
 Parameters and JSON: those of ``detect.py`` (``iou`` is accepted and, as in Ultralytics, unused: the
-decoder is NMS-free). Transform: :func:`handler.stretch.stretch`, ``RTDETRPredictor``'s
+decoder is NMS-free). Transform: :func:`handler.image.stretch.stretch`, ``RTDETRPredictor``'s
 ``scale_fill`` (the image stretched to ``imgsz``, no letterbox). Postprocessor:
 :class:`export.rtdetr.RTDETRPostprocess`, the detection contract of ``export/postprocess.py``
 (``detections, counts, masks`` with ``ncols = 6``).
@@ -9,7 +9,7 @@ decoder is NMS-free). Transform: :func:`handler.stretch.stretch`, ``RTDETRPredic
 
 from __future__ import annotations
 
-from handler.stretch import stretch
+from handler.image.stretch import stretch
 from handler.tasks.base import ImageTransform
 from handler.tasks.detect import DetectTask
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from handler.mask_encoding import encode_rle, mask_polygon
+from handler.encoding.masks import encode_rle, mask_polygon
 from handler.response import ModelInfo, px
 from handler.tasks.base import Prepared, ResponseOptions
 from handler.tasks.detect import Detections, DetectTask, with_track_ids

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from handler import params as p
-from handler.dense_encoding import b64, encode_class_map_png
+from handler import request_values as p
+from handler.encoding.dense import b64, encode_class_map_png
+from handler.encoding.masks import encode_rle
 from handler.errors import InvalidParameter
-from handler.letterbox import LETTERBOX_MODES, letterbox
-from handler.mask_encoding import encode_rle
+from handler.image.letterbox import LETTERBOX_MODES, letterbox
 from handler.response import ModelInfo
 from handler.tasks.base import ImageTransform, Prepared, Task
 

@@ -11,9 +11,16 @@ stream::
 :class:`StreamRegistry` holds a worker's streams (one tracker each) and drops them on end or idle expiry.
 """
 
-from handler.tracking.params import (BotSortParams, ByteTrackParams, GMC_METHODS, TRACKER_NAMES, TrackerParams,
-                                     tracker_name, tracker_params)
-from handler.tracking.streams import Stream, StreamError, StreamRegistry
+from handler.tracking.params import (
+                                     GMC_METHODS,
+                                     TRACKER_NAMES,
+                                     BotSortParams,
+                                     ByteTrackParams,
+                                     TrackerParams,
+                                     tracker_name,
+                                     tracker_params,
+)
+from handler.tracking.registry import Stream, StreamError, StreamRegistry
 from handler.tracking.tracker import BotSortTracker, ByteTracker, Detections, FrameTracks, create_tracker
 
 __all__ = [

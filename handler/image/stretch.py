@@ -5,7 +5,7 @@ resizes the image to exactly ``imgsz`` (no aspect ratio kept, no padding, never 
 ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` when the size differs, and the zero-width
 ``copyMakeBorder`` that follows changes nothing. Imports only numpy and OpenCV, never Ultralytics.
 
-Geometry is a value, the same :class:`handler.letterbox.LetterboxParams` as the letterbox's, with no padding:
+Geometry is a value, the same :class:`handler.image.letterbox.LetterboxParams` as the letterbox's, with no padding:
 ``resized = input = imgsz``, ``pad_top = pad_left = 0``, so ``gain_x = input_w / orig_w`` and
 ``gain_y = input_h / orig_h`` (Ultralytics' ``ratio`` for ``scale_fill``), and ``as_row()`` gives the
 postprocessor's geometry row ``[0, 0, gain_x, gain_y, orig_w, orig_h]``.
@@ -16,14 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from handler.letterbox import LetterboxParams
-
-
-def _target_hw(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(imgsz, int):
-        return imgsz, imgsz
-    h, w = imgsz
-    return int(h), int(w)
+from handler.image.letterbox import LetterboxParams, target_hw
 
 
 def stretch_params(orig_hw: tuple[int, int], imgsz: int | tuple[int, int] | list[int]) -> LetterboxParams:
@@ -31,7 +24,7 @@ def stretch_params(orig_hw: tuple[int, int], imgsz: int | tuple[int, int] | list
     h0, w0 = orig_hw
     if h0 < 1 or w0 < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {h0}x{w0}")
-    th, tw = _target_hw(imgsz)
+    th, tw = target_hw(imgsz)
     if th < 1 or tw < 1:
         raise ValueError(f"imgsz must be positive, got {imgsz}")
     return LetterboxParams(

@@ -11,7 +11,7 @@ compensation has work to do):
 Every frame is a pure function of its index (integer positions, ``cv2.INTER_AREA`` resizes), so
 the clip is the same on every machine with the same OpenCV.
 
-CLI: ``python -m tools.test_clip OUT.mp4 [--frames N]`` writes it as an MP4 (``mp4v``, 10 fps).
+CLI: ``python -m tools.make_clip OUT.mp4 [--frames N]`` writes it as an MP4 (``mp4v``, 10 fps).
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ class LetterboxParams:
         return [float(self.pad_left), float(self.pad_top), self.gain_x, self.gain_y, float(self.orig_w), float(self.orig_h)]
 
 
-def _target_hw(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def target_hw(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """The target size ``(h, w)`` of a transform: ``imgsz`` as an int (square) or ``[h, w]``. The one place
+    that reads an ``imgsz``; the letterbox, the stretch, the classify crop and the export check all call it."""
     if isinstance(imgsz, int):
         return imgsz, imgsz
     h, w = imgsz
@@ -77,7 +79,7 @@ def letterbox_params(
     h0, w0 = orig_hw
     if h0 < 1 or w0 < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {h0}x{w0}")
-    th, tw = _target_hw(imgsz)
+    th, tw = target_hw(imgsz)
     r = min(th / h0, tw / w0)
     new_w, new_h = max(round(w0 * r), 1), max(round(h0 * r), 1)
     dw, dh = tw - new_w, th - new_h

@@ -1,6 +1,6 @@
 """Where a worker runs: its device (the GPU TorchServe gave it, or the CPU) and its torch threads.
 
-The thread count of ``torch_threads: 0`` (auto) is :func:`handler.cpu_budget.auto_threads`: the CPUs this
+The thread count of ``torch_threads: 0`` (auto) is :func:`handler.runtime.cpu_budget.auto_threads`: the CPUs this
 process may really use (affinity, capped by a cgroup CPU quota), divided among the model's workers.
 """
 
@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from handler.cpu_budget import auto_threads
+from handler.runtime.cpu_budget import auto_threads
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""Optional FP32 rewrites of the traced ``backbone.pt`` at load time (``handler.backbone_opt``), CPU only.
+"""FP32 rewrites of the traced ``backbone.pt``, CPU only, as ``python -m bench.cpu_reference`` measures them.
+
+None of them is served (``docs/cpu-speed.md`` says why); the worker runs the traced module as exported.
 
   ``none``     the traced module as exported (the default).
   ``freeze``   ``torch.jit.freeze``: weights and attributes become constants, so the graph passes fold
@@ -46,7 +48,7 @@ class OneDnnFused:
             torch._C._jit_set_llga_enabled(before)
 
     def half(self) -> "OneDnnFused":
-        raise ValueError("handler.backbone_opt: onednn is an FP32 CPU option; write `backbone_opt: none` with half: true")
+        raise ValueError("the onednn rewrite is an FP32 CPU option; use opt none with half precision")
 
 
 def _frozen(backbone: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -61,12 +63,12 @@ def optimise_backbone(backbone: torch.jit.ScriptModule, opt: str, example: Tenso
 
     Raises ``ValueError`` for an unknown ``opt`` or a backbone that is not TorchScript (the ``.pt2``)."""
     if opt not in BACKBONE_OPTS:
-        raise ValueError(f"handler.backbone_opt must be one of {list(BACKBONE_OPTS)}, got {opt!r}")
+        raise ValueError(f"backbone rewrite must be one of {list(BACKBONE_OPTS)}, got {opt!r}")
     if opt == "none":
         return backbone
     if not isinstance(backbone, torch.jit.ScriptModule):
-        raise ValueError(f"handler.backbone_opt: {opt} rewrites the TorchScript backbone.pt; this export serves "
-                         f"{type(backbone).__name__}; write `backbone_opt: none`")
+        raise ValueError(f"the {opt} rewrite applies to the TorchScript backbone.pt; this export serves "
+                         f"{type(backbone).__name__}; use opt none")
     frozen = _frozen(backbone)
     if opt == "optimize":
         with warnings.catch_warnings():

@@ -1,11 +1,8 @@
-"""The image transforms of this project (each task module in ``handler/tasks/`` picks its own).
+"""The classify transform: Ultralytics' classification resize + center crop, reproduced without Ultralytics
+or torchvision (the other tasks use the letterbox, ``letterbox.py``, or the stretch, ``stretch.py``).
 
-* detect and pose models: the letterbox of ``handler/letterbox.py`` (the one letterbox, imported here);
-* classify models: :func:`classify_transform`, Ultralytics' classification transform reproduced
-  without Ultralytics or torchvision.
-
-Both take ``uint8[H, W, 3]`` BGR and return ``uint8[h, w, 3]`` BGR plus the geometry they used, so
-the pipeline converts either to the network input the same way (BGR -> RGB, /255).
+It takes ``uint8[H, W, 3]`` BGR and returns ``uint8[h, w, 3]`` BGR plus the geometry it used
+(:class:`CropParams`), so the pipeline converts it to the network input as any other (BGR -> RGB, /255).
 
 What Ultralytics 8.4.190 does for a classify model (``ultralytics/models/yolo/classify/predict.py``,
 ``ClassificationPredictor.setup_source`` / ``pre_transform``, with ``classify_transforms(imgsz)`` of
@@ -24,12 +21,12 @@ What Ultralytics 8.4.190 does for a classify model (``ultralytics/models/yolo/cl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import numpy as np
 from PIL import Image
 
-from handler.letterbox import LetterboxParams
+from handler.image.letterbox import target_hw
+
 
 @dataclass(frozen=True)
 class CropParams:
@@ -46,9 +43,6 @@ class CropParams:
     input_w: int
 
 
-ImageParams = Union[LetterboxParams, CropParams]
-# uint8[H, W, 3] BGR -> (uint8[h, w, 3] BGR network input, its geometry)
-ImageTransform = Callable[[np.ndarray], "tuple[np.ndarray, ImageParams]"]
 
 
 def classify_params(orig_hw: tuple[int, int], imgsz: int | tuple[int, int] | list[int]) -> CropParams:
@@ -56,7 +50,7 @@ def classify_params(orig_hw: tuple[int, int], imgsz: int | tuple[int, int] | lis
     h0, w0 = orig_hw
     if h0 < 1 or w0 < 1:
         raise ValueError(f"image must be at least 1x1 pixels, got {h0}x{w0}")
-    th, tw = (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[1]))
+    th, tw = target_hw(imgsz)
     if th == tw:  # shortest side -> th, as torchvision's _compute_resized_output_size
         short, long = (w0, h0) if w0 <= h0 else (h0, w0)
         new_short, new_long = th, int(th * long / short)

@@ -1,8 +1,8 @@
-"""The letterbox in torch ops, on any device, bit-exact with ``handler/letterbox.py`` (so with OpenCV and
+"""The letterbox in torch ops, on any device, bit-exact with ``handler/image/letterbox.py`` (so with OpenCV and
 Ultralytics) on uint8 images. Used by ``preprocess: device`` (``handler/pipeline.py``).
 
-Geometry is not computed here: the placement comes from :func:`handler.letterbox.letterbox_params` (or any
-other function that returns a :class:`LetterboxParams`, such as ``handler/stretch.py``'s ``stretch_params``),
+Geometry is not computed here: the placement comes from :func:`handler.image.letterbox.letterbox_params` (or any
+other function that returns a :class:`LetterboxParams`, such as ``handler/image/stretch.py``'s ``stretch_params``),
 and :func:`place` moves pixels to where those numbers say.
 
 The resize reproduces ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` on uint8 bit for bit, as
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from handler.letterbox import PAD_VALUE, LetterboxMode, LetterboxParams, letterbox_params
+from handler.image.letterbox import PAD_VALUE, LetterboxMode, LetterboxParams, letterbox_params
 
 COEF_BITS = 11  # OpenCV INTER_RESIZE_COEF_BITS
 COEF_SCALE = 1 << COEF_BITS
@@ -148,7 +148,7 @@ def letterbox(
     stride: int = 32,
     mode: LetterboxMode = "rect",
 ) -> tuple[Tensor, LetterboxParams]:
-    """``handler.letterbox.letterbox`` for ``image: uint8[H, W, 3]`` (any channel order) on any device:
+    """``handler.image.letterbox.letterbox`` for ``image: uint8[H, W, 3]`` (any channel order) on any device:
     ``(padded: uint8[input_h, input_w, 3]`` on that device, ``params)``, pixel for pixel the same."""
     if image.dim() != 3 or image.shape[2] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"letterbox expects a uint8 HxWx3 tensor, got {image.dtype} {tuple(image.shape)}")

@@ -42,8 +42,8 @@ def model_store(tmp_path_factory, pose_export) -> Path:
         names = set(z.namelist())
     # The handler/ package must arrive as a package (torch-model-archiver flattens directories).
     expected = {"backbone.pt", "postprocess.pt", "metadata.json", "model-config.yaml", "yolo_handler.py", "MAR-INF/MANIFEST.json"}
-    expected |= {f"handler/{m}.py" for m in ("__init__", "pipeline", "letterbox", "decode", "request", "config", "errors", "response", "service", "contract")}
-    expected |= {f"handler/tasks/{m}.py" for m in ("__init__", "base", "detect", "segment", "classify")}  # subpackages kept
+    # every module of the handler package, subpackages included, at its own path
+    expected |= {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "handler").rglob("*.py")}
     assert expected <= names, expected - names
     assert not any("__pycache__" in n or n.endswith("client.py") for n in names)
     return store

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from handler.contract import DEFAULT_MODEL_VERSION
+
 EXIT_USAGE = 2  # bad input: missing file, not a checkpoint, unsupported task
 EXIT_MISMATCH = 1  # the export does not reproduce Ultralytics
 PICKLE_WARNING = (
@@ -33,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", required=True, help="Ultralytics .pt checkpoint, or a model .yaml such as yolo26n-pose.yaml (random weights, seeded)")
     p.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N", help="letterbox target (classify: resize + crop size), N or H W; rounded up to the max stride (default: the checkpoint's training size, as YOLO.predict uses; 640 for a .yaml build)")
     p.add_argument("--name", default="yolo", help="model name: the .mar name and the URL /predictions/NAME (default yolo)")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default exports/NAME)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default exports/NAME, or exports/NAME-VERSION for a --version other than 1.0)")
     p.add_argument(
         "--head",
         choices=("auto", "one2many", "one2one"),
@@ -70,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--version {args.version!r}: use letters, digits, '.', '_' or '-' (e.g. 2.0); it becomes part of a file name and a URL")
     if args.calib is not None and args.quantize is None:
         p.error("--calib is for --quantize int8")
-    args.out = args.out or Path("exports") / args.name
+    if args.out is None:  # each version its own folder: rerunning the archiver for 1.0 never packs 2.0's files
+        args.out = Path("exports") / (args.name if args.version == DEFAULT_MODEL_VERSION else f"{args.name}-{args.version}")
     return args
 
 

@@ -46,6 +46,16 @@ def test_version_file_names():
     assert archive_file_name("yolo", "1.0") == "yolo.mar" and archive_file_name("yolo", "2.0") == "yolo-2.0.mar"
 
 
+def test_each_version_exports_into_its_own_folder():
+    """1.0 and 2.0 never share an export folder, so rerunning the archiver for 1.0 packs 1.0's files."""
+    from export.__main__ import parse_args
+
+    assert parse_args(["--weights", "w.pt"]).out == Path("exports/yolo")
+    assert parse_args(["--weights", "w.pt", "--version", "2.0"]).out == Path("exports/yolo-2.0")
+    assert parse_args(["--weights", "w.pt", "--name", "cars", "--version", "2.0"]).out == Path("exports/cars-2.0")
+    assert parse_args(["--weights", "w.pt", "--version", "2.0", "--out", "mine"]).out == Path("mine")
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_rollout_under_load_loses_nothing(tmp_path, pose_weights):

@@ -66,6 +66,25 @@ def from_decode_error(error: ValueError) -> RequestError:
     return InvalidImage(str(error))
 
 
+class ModelLoadFailed(RequestError):
+    """The worker could not load its model for a reason a retry cannot fix (a bad ``handler:`` or ``tracking:``
+    setting, a missing or corrupt file, another contract version, a task this handler does not serve). The
+    worker stays up and answers every request, and the describe request, with this error (503), so that no
+    client waits in the queue of a worker that would crash-loop (``handler/service.py``, :class:`FailedModel`)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "model_load_failed"
+
+    @classmethod
+    def message_in(cls, body: object) -> str | None:
+        """The message when ``body`` (an answer, or the ``customizedMetadata`` of ``GET /models/NAME?customized=true``)
+        is this error, else None: how launchers, probes and the rollout tool tell a model that failed to load."""
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and error.get("type") == cls.type:
+            return str(error.get("message", ""))
+        return None
+
+
 class InternalError(RequestError):
     """Our bug while handling one request; logged with its traceback, the rest of the batch still runs (500)."""
 

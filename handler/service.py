@@ -32,7 +32,8 @@ import torch
 
 from handler import oip
 from handler.config import HandlerConfig, TrackingConfig
-from handler.errors import InternalError, InvalidImage, RequestError, from_decode_error
+from handler.contract import ArtifactError
+from handler.errors import InternalError, InvalidImage, ModelLoadFailed, RequestError, from_decode_error
 from handler.image.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from handler.pipeline import StageTimes, YoloPipeline
 from handler.request import parse_request
@@ -260,6 +261,10 @@ class YoloService:
             "v2": oip.v2_model_metadata(self.info.name, self.info.version, meta),
         }
 
+    def describe_answer(self) -> Answer:
+        """The describe request's answer: 200 with :meth:`describe`."""
+        return Answer(int(HTTPStatus.OK), self.describe())
+
     def _describe_tracking(self) -> dict | None:
         """How to stream video to this model (None: it does not track, or tracking is off)."""
         if not (self.task.trackable and self.tracking.enabled):
@@ -301,6 +306,61 @@ class YoloService:
         if v2:
             return Answer(int(error.status), oip.v2_error(error.message), error.phrase)
         return Answer.error(error)
+
+
+# Load errors that a retry cannot fix: bad settings (``ValueError`` from ``handler/config.py``, ``check_model`` and the
+# pipeline), missing, corrupt or foreign files, another contract version, an unknown task (``ArtifactError``). A CUDA
+# error (out of memory, a busy device) is not among them: that load fails, and TorchServe retries it.
+PERMANENT_LOAD_ERRORS: tuple[type[Exception], ...] = (ValueError, ArtifactError)
+
+
+class FailedModel:
+    """What a worker serves when its model cannot load for good (:data:`PERMANENT_LOAD_ERRORS`): every request of
+    a batch, and the describe request, get :class:`ModelLoadFailed` (503) with the load error and what to do.
+
+    Without it the worker would die at load, TorchServe would restart it for ever, and a request would wait in
+    the queue unanswered; with it the worker answers at once, and readiness checks (``yolo-ts-serve``,
+    ``deploy/ready.py``, ``tools.rollout``) read the failure from the describe answer."""
+
+    def __init__(self, error: ModelLoadFailed, name: str | None = None, version: str | None = None) -> None:
+        self.error, self.name, self.version = error, name, version
+
+    @classmethod
+    def from_load_error(cls, error: Exception, name: str | None = None, version: str | None = None) -> "FailedModel":
+        model = " ".join(str(p) for p in (name, version) if p) or "the model"
+        return cls(ModelLoadFailed(
+            f"{model} could not load: {type(error).__name__}: {error}. This worker answers 503 until the archive is fixed: "
+            "rebuild it with `yolo-ts-export --archive` (it checks the settings and files before it packs), then register "
+            "it again or restart TorchServe (the full error is in logs/model_log.log)"
+        ), name, version)
+
+    def handle(
+        self,
+        rows: Sequence[Any],
+        content_types: Sequence[str | None] | None = None,
+        headers: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> BatchResult:
+        """Every request gets the load error; an Open Inference Protocol request in the v2 error shape."""
+        headers = headers or [None] * len(rows)
+        answers = []
+        for row, request_headers in zip(rows, headers):
+            try:
+                v2 = oip.parse_v2_request(row, request_headers) is not None
+            except RequestError:  # a malformed v2 body: still v2
+                v2 = True
+            error = self.error
+            answers.append(Answer(int(error.status), oip.v2_error(error.message), error.phrase) if v2 else Answer.error(error))
+        return BatchResult(answers=answers)
+
+    def describe(self) -> dict:
+        """The describe body: which model, and the load error (the same body every request gets)."""
+        return {"model": self.name, "model_version": self.version, **self.error.body()}
+
+    def describe_answer(self) -> Answer:
+        return Answer(int(self.error.status), self.describe(), self.error.phrase)
+
+    def predict(self, image: bytes, **params: Any) -> Answer:
+        return self.handle([{"body": bytearray(image), **params}]).answers[0]
 
 
 def _with_stream(body: dict, stream: dict) -> dict:

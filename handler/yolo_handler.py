@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 
 import torch
+from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.config import HandlerConfig, TrackingConfig
+from handler.contract import ArtifactError
 from handler.response import encode_response
-from handler.runtime.device import CPU, CudaUnavailableError, select_device, set_threads
-from handler.service import YoloService
+from handler.runtime.device import CPU, is_cuda_error, select_device, set_threads
+from handler.service import PERMANENT_LOAD_ERRORS, Answer, FailedModel, YoloService
 
 logger = logging.getLogger(__name__)
 
@@ -33,25 +35,39 @@ METRIC_INFERENCE = "YoloInferenceTime"
 METRIC_POSTPROCESS = "YoloPostprocessTime"
 METRIC_BATCH_SIZE = "YoloBatchSize"
 METRIC_CPU_FALLBACK = "YoloCpuFallback"  # 1 when a GPU worker serves on CPU (handler.cpu_fallback)
+METRIC_LOAD_FAILED = "YoloModelLoadFailed"  # per version: 1 when the model failed to load for good (FailedModel), 0 when it loaded
 
 
 class YoloHandler(BaseHandler):
     def __init__(self) -> None:
         super().__init__()
-        self.service: YoloService | None = None
+        self.service: YoloService | FailedModel | None = None
 
     def initialize(self, context) -> None:
-        """Load both exported files from the model directory; do not let BaseHandler load anything."""
+        """Load both exported files from the model directory; do not let BaseHandler load anything.
+
+        A load that fails for good (:data:`PERMANENT_LOAD_ERRORS`: bad settings, bad files) leaves the worker up
+        as a :class:`FailedModel`, which answers every request with the error (503); a CUDA error fails the load,
+        and TorchServe retries it. The ``YoloModelLoadFailed`` gauge says which of the two this worker is."""
         yaml = getattr(context, "model_yaml_config", None) or {}
-        config = HandlerConfig.from_dict(yaml.get("handler"))
-        tracking = TrackingConfig.from_dict(yaml.get("tracking"))
+        manifest = getattr(context, "manifest", None) or {}
+        version = (manifest.get("model") or {}).get("modelVersion")  # what TorchServe routes /NAME/VERSION by
+        name = getattr(context, "model_name", None)
+        self.context = context
+        try:
+            config = HandlerConfig.from_dict(yaml.get("handler"))
+            tracking = TrackingConfig.from_dict(yaml.get("tracking"))
+            t0 = time.perf_counter()
+            service, device = self._load(context, config, tracking, version)
+        except PERMANENT_LOAD_ERRORS as e:
+            self.service = FailedModel.from_load_error(e, name, version)
+            logger.error("MODEL LOAD FAILED, this worker answers 503 to every request: %s", self.service.error.message, exc_info=True)
+            _record(context, METRIC_LOAD_FAILED, 1, unit="count", dimensions=_version_dimension(version))
+            self.initialized = True
+            return
         warning = tracking.worker_warning(yaml)
         if warning:
             logger.warning(warning)
-        manifest = getattr(context, "manifest", None) or {}
-        version = (manifest.get("model") or {}).get("modelVersion")  # what TorchServe routes /NAME/VERSION by
-        t0 = time.perf_counter()
-        service, device = self._load(context, config, tracking, version)
         pipeline, info = service.pipeline, service.info
         t1 = time.perf_counter()
         if config.warmup:
@@ -63,7 +79,8 @@ class YoloHandler(BaseHandler):
             torch.get_num_threads(), t1 - t0, config.warmup, time.perf_counter() - t1,
             Path(sys.modules[YoloService.__module__].__file__).parent,
         )
-        self.service, self.device, self.context = service, device, context
+        _record(context, METRIC_LOAD_FAILED, 0, unit="count", dimensions=_version_dimension(version))
+        self.service, self.device = service, device
         self.initialized = True
 
     def _load(self, context, config: HandlerConfig, tracking: TrackingConfig, version: str | None) -> tuple[YoloService, torch.device]:
@@ -79,9 +96,10 @@ class YoloHandler(BaseHandler):
             device = select_device(props.get("gpu_id"))
             set_threads(config.torch_threads, device, yaml)
             return load(device), device
-        except (CudaUnavailableError, torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            cuda_error = isinstance(e, (CudaUnavailableError, torch.cuda.OutOfMemoryError)) or "cuda" in str(e).lower()
-            if not cuda_error:
+        except ArtifactError:  # the files, not the device (a RuntimeError too)
+            raise
+        except RuntimeError as e:  # CudaUnavailableError and torch.cuda.OutOfMemoryError among them
+            if not is_cuda_error(e):
                 raise
             if not config.cpu_fallback:
                 raise RuntimeError(
@@ -94,28 +112,40 @@ class YoloHandler(BaseHandler):
             return load(CPU), CPU
 
     def handle(self, data: list, context) -> list[str]:
-        """One JSON text per request: the task's results, or ``{"error": ...}`` with that request's 4xx.
-        A describe request (``GET /models/NAME?customized=true``) gets :meth:`YoloService.describe`."""
+        """One JSON text per request: the task's results, or ``{"error": ...}`` with that request's 4xx (every
+        request a 503 when the model failed to load). A describe request (``GET /models/NAME?customized=true``)
+        gets :meth:`YoloService.describe`, or the load error."""
         if _header(context, 0, "describe") == "True":
-            return [encode_response(self.service.describe())]
+            return _respond(context, [self.service.describe_answer()])
         batch = self.service.handle(
             data,
             [_content_type(context, idx) for idx in range(len(data))],
             [_all_headers(context, idx) for idx in range(len(data))],
         )
-        for idx, answer in enumerate(batch.answers):
-            if answer.status != 200:
-                context.set_response_status(answer.status, answer.phrase, idx)
-            context.set_response_content_type(idx, "application/json")
-            for key, value in answer.headers.items():  # a tracked frame's X-Stream-Id
-                context.set_response_header(idx, key, value)
+        texts = _respond(context, batch.answers)
         logger.info("batch of %d request(s): %d served, forwards (n, h, w) %s", len(data), batch.served, batch.times.forwards)
         _record(context, METRIC_BATCH_SIZE, len(data), unit="count")
         if batch.served:
             _record(context, METRIC_PREPROCESS, batch.preprocess_ms)
             _record(context, METRIC_INFERENCE, batch.times.inference)
             _record(context, METRIC_POSTPROCESS, batch.times.postprocess)
-        return [encode_response(a.body) for a in batch.answers]
+        return texts
+
+
+def _respond(context, answers: list[Answer]) -> list[str]:
+    """Each answer's status, content type and headers set on the context; their JSON texts, in order."""
+    for idx, answer in enumerate(answers):
+        if answer.status != 200:
+            context.set_response_status(answer.status, answer.phrase, idx)
+        context.set_response_content_type(idx, "application/json")
+        for key, value in answer.headers.items():  # a tracked frame's X-Stream-Id
+            context.set_response_header(idx, key, value)
+    return [encode_response(a.body) for a in answers]
+
+
+def _version_dimension(version: str | None) -> list[Dimension]:
+    """``ModelVersion``: a gauge per version (a rollout serves two versions of one model name side by side)."""
+    return [Dimension("ModelVersion", str(version or "unknown"))]
 
 
 def _header(context, idx: int, name: str):
@@ -142,15 +172,16 @@ def _content_type(context, idx: int) -> str | None:
     return None
 
 
-def _record(context, name: str, value: float, unit: str = "ms") -> None:
-    """A per-batch gauge through TorchServe's metrics API (absent in some test contexts)."""
+def _record(context, name: str, value: float, unit: str = "ms", dimensions: list[Dimension] | None = None) -> None:
+    """A gauge through TorchServe's metrics API (absent in some test contexts); TorchServe adds the dimensions
+    ``ModelName`` and ``Level`` to ``dimensions``."""
     metrics = getattr(context, "metrics", None)
     if metrics is None:
         return
     try:
         if unit == "ms":
-            metrics.add_time(name, value, idx=0, unit="ms", dimensions=[])
+            metrics.add_time(name, value, idx=0, unit="ms", dimensions=list(dimensions or []))
         else:
-            metrics.add_metric(name, value, unit, idx=0, dimensions=[], metric_type=MetricTypes.GAUGE)
+            metrics.add_metric(name, value, unit, idx=0, dimensions=list(dimensions or []), metric_type=MetricTypes.GAUGE)
     except Exception:  # noqa: BLE001 - a metric must never fail a request
         logger.warning("could not record metric %s", name, exc_info=True)

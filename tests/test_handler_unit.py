@@ -290,11 +290,16 @@ def test_half_on_cpu_is_ignored_with_a_warning(pose_export, caplog):
     assert "FP16 is CUDA-only" in caplog.text
 
 
-def test_bad_config_fails_at_initialize(pose_export):
+def test_bad_config_is_refused_at_initialize(pose_export, images):
+    """The worker does not load the model; it answers every request with the setting's error (503)."""
     from handler.yolo_handler import YoloHandler
 
-    with pytest.raises(ValueError, match="not a multiple of the model's max stride 32"):
-        YoloHandler().initialize(make_context(pose_export.out_dir, {"imgsz": 600}))
+    ctx = make_context(pose_export.out_dir, {"imgsz": 600})
+    h = YoloHandler()
+    h.initialize(ctx)
+    (body,), statuses = run_batch(h, ctx, [{"body": bytearray(images["bus"])}])
+    assert statuses == [503] and body["error"]["type"] == "model_load_failed", body
+    assert "not a multiple of the model's max stride 32" in body["error"]["message"]
 
 
 # ---------------------------------------------------------------- threads

@@ -457,9 +457,11 @@ def test_handler_sets_the_stream_header_and_warns_about_workers(pose_export, cli
     assert statuses == [200, 429] and out[1]["error"]["type"] == "too_many_streams"
     assert ctx.request_processor[0].get_response_headers()["X-Stream-Id"] == out[0]["stream"]["id"]
     assert "X-Stream-Id" not in ctx.request_processor[1].get_response_headers()
-    with pytest.raises(ValueError, match="tracking.max_streams"):
-        ctx.model_yaml_config = {"tracking": {"max_streams": -1}}
-        YoloHandler().initialize(ctx)
+    ctx.model_yaml_config = {"tracking": {"max_streams": -1}}
+    refused = YoloHandler()
+    refused.initialize(ctx)  # the worker stays up and answers the setting's error (503)
+    out, statuses = run_batch(refused, ctx, rows[:1], ["image/png"])
+    assert statuses == [503] and "tracking.max_streams" in out[0]["error"]["message"], out
 
 
 def export_small(tmp_path_factory, yaml_name: str):

@@ -16,13 +16,22 @@ from typing import Any
 import torch
 
 from handler.contract import AOTI_FORMAT, BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, ArtifactError, check_metadata
+from handler.runtime.device import is_cuda_error
 
 
 def _jit_load(path: Path, device: torch.device) -> tuple[torch.jit.ScriptModule, dict]:
+    """A TorchScript file of the export and its embedded metadata. A file that is no TorchScript (corrupt,
+    truncated) is an :class:`ArtifactError`; a CUDA error while loading stays what it is (a retry may pass)."""
     extra = {METADATA_FILE: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)  # torch.jit.* deprecation notices in torch 2.14
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        try:
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        except RuntimeError as e:
+            if is_cuda_error(e):
+                raise
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path} cannot be loaded as TorchScript ({reason}); export the model again with `python -m export`") from e
     if not extra[METADATA_FILE]:
         raise ArtifactError(f"{path} has no embedded {METADATA_FILE}; re-export it with `python -m export`")
     return module.eval(), json.loads(extra[METADATA_FILE])

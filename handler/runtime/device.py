@@ -21,6 +21,12 @@ class CudaUnavailableError(RuntimeError):
     """TorchServe gave this worker a GPU, and CUDA cannot serve on it."""
 
 
+def is_cuda_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from CUDA (no usable CUDA, out of memory, a driver or device error): a load that
+    fails on it may pass on a retry or on another device, unlike a load that fails on the files or settings."""
+    return isinstance(error, (CudaUnavailableError, torch.cuda.OutOfMemoryError)) or "cuda" in str(error).lower()
+
+
 def select_device(gpu_id: int | None) -> torch.device:
     """``cuda:{gpu_id}`` when TorchServe gave the worker a GPU, CPU when it gave none (a CPU host).
     Raises :class:`CudaUnavailableError` when there is a GPU id but CUDA is not usable."""

@@ -6,9 +6,13 @@ The one health check of the deployment: the Dockerfile's HEALTHCHECK and the Kub
 ``/ping`` is not enough: it answers as soon as the frontend is up, before the model has loaded
 (and after its worker died), and with token authorization on it wants the inference key (HTTP 400
 without it). This asks the management API ``GET /models/NAME`` and looks for a worker whose status
-is ``READY``. ``--live`` only asks whether the frontend answers that request at all (the liveness
-probe: TorchServe restarts a dead worker itself, so a worker that is not READY is no reason to
-restart the container).
+is ``READY``. A READY worker whose model failed to load for good (a bad setting or file in the archive:
+the handler then answers every request with a 503 ``model_load_failed``) is not ready either: its
+description, ``GET /models/NAME?customized=true``, carries that error. That describe request waits in the
+model's queue like an inference request; when it does not come back within ``--timeout`` the worker is
+busy serving (a worker whose model failed to load answers at once), so it counts as ready. ``--live``
+only asks whether the frontend answers ``GET /models/NAME`` at all (the liveness probe: TorchServe
+restarts a dead worker itself, so a worker that is not READY is no reason to restart the container).
 
 Reads, from the config that deploy/entrypoint.sh rendered (``$YOLO_RUN_DIR/config.properties``):
 ``management_address`` (``0.0.0.0`` means this host) and ``disable_token_authorization``. With token
@@ -31,6 +35,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 RUN_DIR = Path(os.environ.get("YOLO_RUN_DIR", "/srv/yolo"))
+LOAD_FAILED = "model_load_failed"  # the error type of handler.errors.ModelLoadFailed (this file imports nothing of the project)
 EXPIRY_MARGIN = timedelta(seconds=10)  # renew a key this close to its expiration
 
 
@@ -56,6 +61,10 @@ def management_url(props: dict[str, str]) -> str:
     return address
 
 
+class Busy(NotReady):
+    """The request got no answer in time (it waits in the model's queue)."""
+
+
 def _get(url: str, token: str | None, timeout: float) -> tuple[int, str]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -63,8 +72,26 @@ def _get(url: str, token: str | None, timeout: float) -> tuple[int, str]:
             return r.status, r.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode("utf-8", "replace")
+    except TimeoutError:
+        raise Busy(f"{url}: no answer within {timeout:g} s") from None
     except (urllib.error.URLError, OSError) as e:
+        if isinstance(getattr(e, "reason", None), TimeoutError):
+            raise Busy(f"{url}: no answer within {timeout:g} s") from None
         raise NotReady(f"{url}: {getattr(e, 'reason', e)}") from None
+
+
+def load_failure(base: str, model: str, token: str | None, timeout: float) -> str | None:
+    """The load error the model's worker answers with (``customizedMetadata.error`` of type ``model_load_failed``),
+    None when it loaded, or when the describe request waits behind queued requests (then the worker serves)."""
+    try:
+        _, body = _get(f"{base}/models/{model}?customized=true", token, timeout)
+        custom = json.loads(body)[0].get("customizedMetadata")
+    except (Busy, ValueError, LookupError, AttributeError, TypeError):  # busy, or a description without our error
+        return None
+    error = custom.get("error") if isinstance(custom, dict) else None
+    if isinstance(error, dict) and error.get("type") == LOAD_FAILED:
+        return str(error.get("message", ""))
+    return None
 
 
 def _expired(entry: dict, now: datetime) -> bool:
@@ -99,7 +126,8 @@ def management_token(key_file: Path, base: str, timeout: float) -> str:
 
 
 def check(config: Path, key_file: Path, model: str, timeout: float = 3.0, live: bool = False) -> str:
-    """``"yolo: 1 of 1 workers READY"``; raises :class:`NotReady` with the reason otherwise.
+    """``"yolo: 1 of 1 workers READY"``; raises :class:`NotReady` with the reason otherwise (no READY worker,
+    or a model that failed to load).
 
     ``live``: the frontend describes the model (HTTP 200), READY worker or not.
     """
@@ -119,13 +147,18 @@ def check(config: Path, key_file: Path, model: str, timeout: float = 3.0, live: 
         raise NotReady(f"GET {base}/models/{model}: not a model description: {body[:200]!r}") from None
     ready = sum(1 for w in workers if w.get("status") == "READY")
     summary = f"{model}: {ready} of {len(workers)} workers READY"
-    if not ready and not live:
+    if live:
+        return summary
+    if not ready:
         raise NotReady(f"{summary} ({', '.join(str(w.get('status')) for w in workers) or 'no workers'})")
+    failure = load_failure(base, model, token, timeout)
+    if failure is not None:
+        raise NotReady(f"{summary}, but its model failed to load and every request gets 503: {failure}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Exit 0 when a worker of MODEL is READY (TorchServe management API).")
+    p = argparse.ArgumentParser(description="Exit 0 when a worker of MODEL is READY and its model loaded (TorchServe management API).")
     p.add_argument("--config", type=Path, default=RUN_DIR / "config.properties", help="the running config (default: %(default)s)")
     p.add_argument("--key-file", type=Path, default=RUN_DIR / "key_file.json", help="TorchServe's key file (default: %(default)s)")
     p.add_argument("--model", default=os.environ.get("YOLO_MODEL", "yolo"), help="model name (default: %(default)s)")

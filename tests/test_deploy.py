@@ -610,7 +610,9 @@ def test_entrypoint_refuses_a_config_without_an_address_key(tmp_path):
 
 
 class _FakeManagement(http.server.BaseHTTPRequestHandler):
-    """GET /models/yolo -> a description with ``state.statuses``; /token renews the key file."""
+    """GET /models/yolo -> a description with ``state.statuses``; with ``?customized=true`` it also carries
+    ``state.custom`` (answered with ``state.custom_status`` after ``state.custom_delay`` seconds); /token renews
+    the key file."""
 
     state: dict = {}
 
@@ -627,10 +629,14 @@ class _FakeManagement(http.server.BaseHTTPRequestHandler):
             return self._send(200, {})
         if st["token"] and self.headers.get("Authorization") != f"Bearer {st['management_key']}":
             return self._send(400, {"code": 400, "message": "Token Authorization failed"})
-        if self.path != "/models/yolo":
+        if self.path not in ("/models/yolo", "/models/yolo?customized=true"):
             return self._send(404, {"code": 404, "message": "Model not found"})
         workers = [{"id": str(i), "status": s} for i, s in enumerate(st["statuses"])]
-        self._send(200, [{"modelName": "yolo", "modelVersion": "1.0", "workers": workers}])
+        description = {"modelName": "yolo", "modelVersion": "1.0", "workers": workers}
+        if self.path.endswith("customized=true"):
+            time.sleep(st["custom_delay"])  # the describe request waits in the model's queue
+            return self._send(st["custom_status"], [{**description, "customizedMetadata": st["custom"]}])
+        self._send(200, [description])
 
     def _send(self, code, body):
         data = json.dumps(body).encode()
@@ -648,7 +654,8 @@ class _FakeManagement(http.server.BaseHTTPRequestHandler):
 def fake_management(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeManagement)
     key_file = tmp_path / "key_file.json"
-    state = {"seen": [], "statuses": ["READY"], "token": True, "management_key": "mkey", "api_key": "apikey", "key_file": key_file}
+    state = {"seen": [], "statuses": ["READY"], "token": True, "management_key": "mkey", "api_key": "apikey", "key_file": key_file,
+             "custom": {"model": "yolo", "task": "pose"}, "custom_status": 200, "custom_delay": 0.0}
     _FakeManagement.state = state
     later = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     key_file.write_text(json.dumps({"management": {"key": "mkey", "expiration time": later},
@@ -672,7 +679,28 @@ def test_ready_when_a_worker_is_ready(fake_management):
     state["statuses"] = ["UNLOADING", "READY"]
     proc = run_ready(config, key_file)
     assert proc.returncode == 0 and "yolo: 1 of 2 workers READY" in proc.stdout, proc.stderr
-    assert state["seen"] == [("/models/yolo", "Bearer mkey")]
+    assert state["seen"] == [("/models/yolo", "Bearer mkey"), ("/models/yolo?customized=true", "Bearer mkey")]
+
+
+def test_not_ready_when_the_model_failed_to_load(fake_management):
+    """A READY worker whose model failed to load answers every request with 503: the pod must leave the Service."""
+    from handler.errors import ModelLoadFailed
+
+    state, config, key_file = fake_management
+    state["custom"] = {"model": "yolo", "model_version": "1.0", **ModelLoadFailed("yolo 1.0 could not load: ValueError: bad").body()}
+    state["custom_status"] = 503
+    proc = run_ready(config, key_file)
+    assert proc.returncode == 1, proc.stdout
+    assert "1 of 1 workers READY, but its model failed to load" in proc.stderr and "ValueError: bad" in proc.stderr, proc.stderr
+    assert run_ready(config, key_file, "--live").returncode == 0  # alive: a restart would not fix the archive
+
+
+def test_ready_when_the_describe_request_waits_behind_requests(fake_management):
+    """A worker whose model failed to load answers at once; one that makes the describe request wait is serving."""
+    state, config, key_file = fake_management
+    state["custom_delay"] = 2.0
+    proc = run_ready(config, key_file, "--timeout", "0.5")
+    assert proc.returncode == 0 and "1 of 1 workers READY" in proc.stdout, proc.stderr
 
 
 @pytest.mark.parametrize("statuses", [[], ["LOADING"], ["UNLOADING", "STOPPED"]])
@@ -716,7 +744,7 @@ def test_ready_renews_an_expired_management_key_with_the_api_key(fake_management
     key_file.write_text(json.dumps(keys))
     proc = run_ready(config, key_file)
     assert proc.returncode == 0, proc.stderr
-    assert state["seen"] == [("/token?type=management", "Bearer apikey"), ("/models/yolo", "Bearer renewed")]
+    assert state["seen"][:2] == [("/token?type=management", "Bearer apikey"), ("/models/yolo", "Bearer renewed")]
 
 
 def test_ready_sends_no_token_when_token_auth_is_off(fake_management):
@@ -725,7 +753,7 @@ def test_ready_sends_no_token_when_token_auth_is_off(fake_management):
     config.write_text(config.read_text() + "disable_token_authorization=true\n")
     key_file.unlink()
     assert run_ready(config, key_file).returncode == 0
-    assert state["seen"] == [("/models/yolo", None)]
+    assert {auth for _, auth in state["seen"]} == {None} and state["seen"][0][0] == "/models/yolo"
 
 
 # ---------------------------------------------------------------- slow: the real thing, without Docker

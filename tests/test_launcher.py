@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,8 @@ from tools.serve import worker_error
 from tools.server import ServerError, attach, busy_ports, configured_ports, running_server, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def test_two_servers_side_by_side(store, tmp_path, sample_images):
 def test_busy_ports_are_refused_before_key_file_is_touched(store, tmp_path, sample_images):
     with running_server(store, tmp_path / "first") as first:
         keys_before = first.key_file.read_text()
-        config = first.workdir / "config.properties"  # the running server's own ports
+        config = first.config_file  # the running server's own ports
         assert len(busy_ports(configured_ports(config.read_text()))) == 5
         second = tmp_path / "second"
         second.mkdir()
@@ -93,8 +96,8 @@ def test_yolo_ts_serve_fails_fast_with_the_workers_error(pose_export, tmp_path, 
     rc = serve_main(["--model-store", str(store), "--ts-config", str(config), "--workdir", str(workdir), "--timeout", "240"])
     err = capsys.readouterr().err
     assert rc == 1, err
-    assert "cannot load" in err and "not a multiple of the model's max stride 32" in err, err
-    assert "Traceback" not in err
+    assert "yolo 1.0 could not load: ValueError: " in err and "not a multiple of the model's max stride 32" in err, err
+    assert "the server was stopped" in err and "Traceback" not in err
     # the server was stopped: its ports are free again
     assert busy_ports(configured_ports(config.read_text())) == []
 
@@ -121,3 +124,55 @@ def test_yolo_ts_serve_starts_reports_and_stops(store, tmp_path, capsys, sample_
 def test_worker_error_picks_the_exception_line():
     log = "Traceback (most recent call last):\n  File x\nMODEL_LOG - ValueError: model-config.yaml handler.imgsz [500, 500] is not a multiple\n"
     assert worker_error(log) == "ValueError: model-config.yaml handler.imgsz [500, 500] is not a multiple"
+
+
+def _git(clone: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=clone, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def _serve(clone: Path, log: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m tools.serve ARGS`` run from ``clone`` with its own code; its output in ``log``."""
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "tools.serve", *args], cwd=clone, stdout=out, stderr=subprocess.STDOUT, timeout=400)
+    proc.stdout = log.read_text()
+    return proc
+
+
+def test_runs_in_a_fresh_clone_change_no_file_and_keep_the_model_api_off(store, tmp_path):
+    """The defaults of a fresh clone (``./config.properties``, a file git tracks, and ``--workdir .``): a run with
+    ``--enable-rollout``, a stop, a plain run. The model API is on in the first run only; git sees no change."""
+    from tools.server import PORT_KEYS, free_ports, server_properties_text
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True, timeout=120)
+    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+    shipped = (clone / "config.properties").read_text()
+    (clone / "config.properties").write_text(server_properties_text(shipped, {  # free ports, committed: the clone is clean
+        **{f"{api}_address": f"http://127.0.0.1:{ports[api]}" for api in ("inference", "management", "metrics")},
+        "grpc_inference_port": str(ports["grpc_inference"]), "grpc_management_port": str(ports["grpc_management"]),
+    }))
+    _git(clone, "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-q", "-am", "free ports for this test")
+    shutil.copy(store / "yolo.mar", clone / "model_store" / "yolo.mar")  # model_store/* is ignored
+    tracked = (clone / "config.properties").read_bytes()
+    management = f"http://127.0.0.1:{ports['management']}"
+
+    def register_status() -> int:
+        key = json.loads((clone / "key_file.json").read_text())["management"]["key"]
+        r = requests.post(f"{management}/models", params={"url": "yolo-absent.mar"}, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        return r.status_code
+
+    statuses = {}
+    for run, args in (("rollout", ["--enable-rollout"]), ("plain", [])):
+        proc = _serve(clone, tmp_path / f"{run}.log", *args)
+        try:
+            assert proc.returncode == 0, proc.stdout
+            merged = clone / "tmp" / "yolo-ts-serve.properties"
+            assert f"config:     {merged}" in proc.stdout, proc.stdout
+            assert ("enable_model_api=true" in merged.read_text()) == (run == "rollout")
+            statuses[run] = register_status()
+        finally:
+            stop = _serve(clone, tmp_path / f"{run}.stop.log", "--stop")
+        assert stop.returncode == 0, stop.stdout
+        assert (clone / "config.properties").read_bytes() == tracked
+    assert statuses["rollout"] != 405 and statuses["plain"] == 405, statuses  # the model API: on, then off again
+    assert _git(clone, "status", "--porcelain") == "", "the runs left files that git sees"

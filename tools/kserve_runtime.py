@@ -83,6 +83,7 @@ class KServeLayoutServer(TorchServe):
                 workers = [w for m in self.describe_model() for w in m.get("workers", [])]
                 if any(w.get("status") == "READY" for w in workers):
                     self._remember_processes()
+                    self.check_loaded()
                     return
                 last = f"workers {[w.get('status') for w in workers]}"
             except (requests.RequestException, ValueError, KeyError) as e:

@@ -13,10 +13,15 @@ What it does that a bare ``torchserve --start`` does not:
 * it gives the server its own ``TMPDIR`` (PID file) and ``TEMP`` (the worker's Unix socket), under
   ``WORKDIR/tmp``, so two servers started from two directories never collide;
 * it waits until a worker is READY (the management API; ``/ping`` answers before the model loads), and
-  when the worker dies while loading (a bad ``model-config.yaml`` setting, a broken archive) it stops the
-  server and exits 1 with the worker's error, instead of leaving requests to queue for ever.
+  when the model cannot load (a bad ``model-config.yaml`` setting or a broken archive, which the worker
+  answers with a 503 to every request; or a worker that dies while loading) it stops the server and exits 1
+  with the worker's error;
+* it never writes the config it is given (``--ts-config``, default ``./config.properties``, a file git
+  tracks in this repository): TorchServe starts with the launcher's own merged copy,
+  ``WORKDIR/tmp/yolo-ts-serve.properties`` (printed at start), rewritten at every start. So
+  ``--enable-rollout`` holds for that run only, and a later plain start has the model API off again.
 
-``key_file.json`` (the tokens) and ``logs/`` are written in ``--workdir``.
+``key_file.json`` (the tokens), ``logs/`` and ``tmp/`` are written in ``--workdir``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import re
 import sys
 from pathlib import Path
 
-from tools.server import REPO_CONFIG, ServerError, attach, rollout_overrides, start_server
+from tools.server import REPO_CONFIG, ModelCannotLoad, ServerError, attach, rollout_overrides, start_server
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -38,11 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="yolo", help="model name: MODEL.mar, served at /predictions/MODEL (default yolo)")
     p.add_argument("--ts-config", type=Path, default=None, help="TorchServe config.properties; its addresses are used as they are "
                    "(default: ./config.properties, else the one shipped with this project)")
-    p.add_argument("--workdir", type=Path, default=Path("."), help="where key_file.json, logs/ and tmp/ go (default: the current directory)")
+    p.add_argument("--workdir", type=Path, default=Path("."), help="where key_file.json, logs/ and tmp/ (the config TorchServe starts with) "
+                   "go (default: the current directory)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a READY worker (default 300)")
     p.add_argument("--stop", action="store_true", help="stop the server started from --workdir")
-    p.add_argument("--enable-rollout", action="store_true", help="turn the model API on for `python -m tools.rollout` (loopback "
-                   "management API and token auth as configured; models only from archives inside --model-store, no URLs)")
+    p.add_argument("--enable-rollout", action="store_true", help="turn the model API on for `python -m tools.rollout`, for this run "
+                   "only (loopback management API and token auth as configured; models only from archives inside --model-store, no URLs)")
     return p.parse_args(argv)
 
 
@@ -75,13 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(args.model_store, args.workdir, args.model, config, timeout=args.timeout, keep_ports=True, overrides=overrides)
     except ServerError as e:
         text = str(e)
-        if "worker died" in text:
+        if isinstance(e, ModelCannotLoad):  # the worker's own answer: "yolo 1.0 could not load: ..."
+            print(f"error: {text}", file=sys.stderr)
+        elif "worker died" in text:
             print(f"error: the model {args.model!r} cannot load: {worker_error(text)}", file=sys.stderr)
-            print(f"(the server was stopped; full worker log: {args.workdir.resolve() / 'logs' / 'model_log.log'})", file=sys.stderr)
         else:
             print(f"error: {text}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"(the server was stopped; full worker log: {args.workdir.resolve() / 'logs' / 'model_log.log'})", file=sys.stderr)
         return EXIT_FAILED
     print(f"TorchServe is serving {args.model!r} (a worker is READY)")
+    rollout = " and the model API on for rollouts (this run only)" if args.enable_rollout else ""
+    print(f"  config:     {server.config_file}  (TorchServe's: {config} with this run's model store{rollout})")
     print(f"  inference:  {server.predictions_url}")
     print(f"  management: {server.management_url}   metrics: {server.metrics_url}/metrics")
     print(f"  tokens:     {server.key_file}  (send `Authorization: Bearer <inference key>`)")

@@ -3,12 +3,21 @@ the tests and the benchmark. Not part of the archive.
 
 Each server gets its own ``TMPDIR`` (TorchServe keeps its PID file there, so two servers never see
 each other) and ``TEMP`` (the worker's Unix socket, ``$TEMP/.ts.sock.9000``, would collide otherwise),
-its own working directory (``key_file.json``, ``logs/``, ``launcher.log``) and ports that are checked to
-be free before TorchServe starts: a second ``torchserve --start`` on busy ports fails, but only after it
-has rewritten ``key_file.json``, which locks clients out of the server that holds the ports. Readiness comes from the management API: ``GET /models/NAME`` until a worker is
-``READY`` (``/ping`` answers before the model has loaded). :meth:`TorchServe.stop` runs
-``torchserve --stop`` with the same ``TMPDIR``, then ends, by PID, only the processes this server
-started (the Java frontend and its workers) if any are still alive.
+both ``WORKDIR/tmp``, its own working directory (``key_file.json``, ``logs/`` with ``launcher.log``) and ports
+that are checked to be free before TorchServe starts: a second ``torchserve --start`` on busy ports fails,
+but only after it has rewritten ``key_file.json``, which locks clients out of the server that holds the
+ports.
+
+The config TorchServe starts with is a file of the launcher's own, ``WORKDIR/tmp/yolo-ts-serve.properties``
+(:data:`MERGED_CONFIG`): the given config.properties with this run's ports, model store and overrides. The
+given file is only read, so a run's settings (``--enable-rollout``'s model API) never outlive the run and
+never change a file the user or git owns.
+
+Readiness comes from the management API: ``GET /models/NAME`` until a worker is ``READY`` (``/ping``
+answers before the model has loaded), then ``GET /models/NAME?customized=true``, whose answer carries the
+load error of a model that failed to load for good (``handler.service.FailedModel``; its worker is READY
+too). :meth:`TorchServe.stop` runs ``torchserve --stop`` with the same ``TMPDIR``, then ends, by PID, only
+the processes this server started (the Java frontend and its workers) if any are still alive.
 """
 
 from __future__ import annotations
@@ -28,10 +37,14 @@ from typing import Iterator
 import psutil
 import requests
 
+from handler.errors import ModelLoadFailed
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_CONFIG = REPO_ROOT / "config.properties"
 PID_FILE = ".model_server.pid"  # in TMPDIR, written by the torchserve launcher
 KEY_FILE = "key_file.json"  # in the server's working directory
+MERGED_CONFIG = Path("tmp") / "yolo-ts-serve.properties"  # in the working directory: the config TorchServe starts with
+LAUNCHER_LOG = Path("logs") / "launcher.log"  # in the working directory: the torchserve launcher's own output
 
 # sitecustomize.py that makes `import ultralytics` fail in every Python process of the server,
 # so a test can prove the worker serves from the .mar with torch and OpenCV alone.
@@ -54,6 +67,10 @@ sys.meta_path.insert(0, _BlockUltralytics())
 
 class ServerError(RuntimeError):
     """TorchServe did not start, or its model did not become READY in time."""
+
+
+class ModelCannotLoad(ServerError):
+    """The worker is up, but its model failed to load for good; the message is the worker's own answer."""
 
 
 PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
@@ -185,10 +202,35 @@ class TorchServe:
             f.seek(self.log_start if path.stat().st_size >= self.log_start else 0)  # rotated: read it whole
             return f.read().decode(errors="replace")
 
+    @property
+    def config_file(self) -> Path:
+        """The config.properties TorchServe was started with (the launcher's merged copy)."""
+        return self.workdir / MERGED_CONFIG
+
+    @property
+    def launcher_log(self) -> Path:
+        return self.workdir / LAUNCHER_LOG
+
     def describe_model(self) -> list[dict]:
         r = requests.get(f"{self.management_url}/models/{self.model}", headers=self.headers("management"), timeout=10)
         r.raise_for_status()
         return r.json()
+
+    def load_failure(self, timeout: float = 60.0) -> str | None:
+        """The load error the model's worker answers with (``GET /models/NAME?customized=true``), None when the
+        model loaded."""
+        r = requests.get(f"{self.management_url}/models/{self.model}", params={"customized": "true"},
+                         headers=self.headers("management"), timeout=timeout)
+        try:
+            return ModelLoadFailed.message_in(r.json()[0].get("customizedMetadata"))
+        except (ValueError, LookupError, AttributeError, TypeError):
+            return None
+
+    def check_loaded(self) -> None:
+        """Raise :class:`ModelCannotLoad` when the READY worker serves a model that failed to load."""
+        failure = self.load_failure()
+        if failure is not None:
+            raise ModelCannotLoad(failure)
 
     def worker_pids(self) -> set[int]:
         try:
@@ -221,7 +263,7 @@ class TorchServe:
             self._remember_processes()
             frontend = self._frontend_pid()
             if frontend is not None and not psutil.pid_exists(frontend):
-                raise ServerError(f"TorchServe exited during startup; see {self.workdir}/logs and launcher.log")
+                raise ServerError(f"TorchServe exited during startup; see {self.workdir}/logs (launcher.log)")
             crashes = self.model_log().count("Backend worker process died")
             if crashes >= 2:  # TorchServe retries forever; a handler that cannot load will not get better
                 log = self.model_log()
@@ -231,6 +273,7 @@ class TorchServe:
                     workers = [w for m in self.describe_model() for w in m.get("workers", [])]
                     if any(w.get("status") == "READY" for w in workers):
                         self._remember_processes()
+                        self.check_loaded()
                         return
                     last = f"workers {[w.get('status') for w in workers]}"
                 except (requests.RequestException, ValueError, KeyError) as e:
@@ -241,7 +284,8 @@ class TorchServe:
     def stop(self, timeout: float = 30.0) -> None:
         """``torchserve --stop`` (same TMPDIR and cwd), then end survivors among our own PIDs."""
         self._remember_processes()
-        with open(self.workdir / "launcher.log", "ab") as log:
+        self.launcher_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.launcher_log, "ab") as log:
             subprocess.run(
                 [_torchserve(), "--stop"], cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, timeout=60
             )
@@ -279,7 +323,7 @@ def server_env(workdir: Path, tmpdir: Path) -> dict[str, str]:
 def attach(workdir: Path, model: str = "yolo") -> TorchServe:
     """The TorchServe started earlier from ``workdir`` (by :func:`start_server`), to stop or query it."""
     workdir = Path(workdir).resolve()
-    props = workdir / "config.properties"
+    props = workdir / MERGED_CONFIG
     if not props.is_file():
         raise ServerError(f"{props} not found: no server was started from {workdir} with yolo-ts-serve")
     ports = {name: port for name, (_, port) in configured_ports(props.read_text()).items()}
@@ -318,7 +362,9 @@ def start_server(
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    props = workdir / "config.properties"
+    props = workdir / MERGED_CONFIG
+    if Path(config).resolve() == props:
+        raise ServerError(f"{config} is where the launcher writes the config it starts TorchServe with; give another --ts-config")
     if keep_ports:  # the config's own addresses (yolo-ts-serve)
         text = Path(config).read_text()
         if model_store is not None:
@@ -336,9 +382,9 @@ def start_server(
             "Not starting, so that the running server's key_file.json stays valid. Stop that server "
             "(`yolo-ts-serve --stop --workdir DIR`, or `torchserve --stop` with its TMPDIR), or choose other ports in the config"
         )
-    props.write_text(text)
     tmpdir = workdir / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
+    props.write_text(text)
     env = {**server_env(workdir, tmpdir), **(env or {})}
     if block_ultralytics:
         blocker = workdir / "no_ultralytics"
@@ -347,7 +393,8 @@ def start_server(
         env["PYTHONPATH"] = str(blocker)
     model_log = workdir / "logs" / "model_log.log"
     server = TorchServe(workdir, tmpdir, model, ports, env, log_start=model_log.stat().st_size if model_log.exists() else 0)
-    with open(workdir / "launcher.log", "ab") as log:  # a file, not a pipe: a full pipe can hang the launcher
+    server.launcher_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(server.launcher_log, "ab") as log:  # a file, not a pipe: a full pipe can hang the launcher
         launcher = subprocess.Popen(
             [_torchserve(), "--start", "--ncs", "--ts-config", str(props)],
             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -12,6 +12,7 @@ which ``torch-model-archiver --extra-files`` puts into the model directory).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,9 @@ class YoloHandler(BaseHandler):
         request a 503 when the model failed to load). A describe request (``GET /models/NAME?customized=true``)
         gets :meth:`YoloService.describe`, or the load error."""
         if _header(context, 0, "describe") == "True":
-            return _respond(context, [self.service.describe_answer()])
+            answer = self.service.describe_answer()
+            answer.body["worker_pid"] = os.getpid()  # which worker answered (tools.rollout drains each worker of a version)
+            return _respond(context, [answer])
         batch = self.service.handle(
             data,
             [_content_type(context, idx) for idx in range(len(data))],

@@ -94,3 +94,31 @@ def run_batch(handler, ctx: Context, rows: list[dict], content_types: list[str] 
     out = [json.loads(text) for text in handler.handle(rows, ctx)]  # the handler returns JSON text
     statuses = [rp.get_response_status_code() for rp in ctx.request_processor]
     return out, statuses
+
+
+# ---------------------------------------------------------------- archives with a test handler
+
+WRAPPED_HANDLERS = Path(__file__).resolve().parent / "wrapped_handlers"
+
+
+def wrapped_archive(export_dir: Path, store: Path, handler_file: str, version: str = "1.0", handler_settings: dict | None = None,
+                    batch_size: int = 4, name: str = "yolo", torchserve: dict | None = None) -> Path:
+    """``store/NAME[-VERSION].mar`` of ``export_dir`` (archived as ``version``) whose TorchServe handler is
+    ``tests/wrapped_handlers/HANDLER_FILE``, a subclass of ``YoloHandler``; the ``handler/`` package is packed as
+    ``build_archive`` packs it; ``torchserve`` adds model-config.yaml keys. ``handler_settings`` are not checked against
+    the model (a test may want a bad one)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from export.archive import archiver_command, model_config_yaml, stage_handler_code
+    from handler.contract import MODEL_CONFIG_FILE, archive_file_name
+
+    (export_dir / MODEL_CONFIG_FILE).write_text(model_config_yaml(handler_settings, batch_size, torchserve=torchserve))
+    stage_handler_code(export_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="archiver_", dir=store) as tmp:
+        cmd = archiver_command(export_dir, name, Path(tmp), version)
+        cmd[cmd.index("--handler") + 1] = str(WRAPPED_HANDLERS / handler_file)
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300, env={**os.environ, "TMPDIR": tmp})
+        return (Path(tmp) / f"{name}.mar").replace(store / archive_file_name(name, version))

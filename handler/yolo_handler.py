@@ -63,7 +63,7 @@ class YoloHandler(BaseHandler):
         except PERMANENT_LOAD_ERRORS as e:
             self.service = FailedModel.from_load_error(e, name, version)
             logger.error("MODEL LOAD FAILED, this worker answers 503 to every request: %s", self.service.error.message, exc_info=True)
-            _record(context, METRIC_LOAD_FAILED, 1, unit="count", dimensions=_version_dimension(version))
+            _record(context, METRIC_LOAD_FAILED, 1, unit="count", dimensions=_version_dimension(version), at_load=True)
             self.initialized = True
             return
         warning = tracking.worker_warning(yaml)
@@ -80,7 +80,7 @@ class YoloHandler(BaseHandler):
             torch.get_num_threads(), t1 - t0, config.warmup, time.perf_counter() - t1,
             Path(sys.modules[YoloService.__module__].__file__).parent,
         )
-        _record(context, METRIC_LOAD_FAILED, 0, unit="count", dimensions=_version_dimension(version))
+        _record(context, METRIC_LOAD_FAILED, 0, unit="count", dimensions=_version_dimension(version), at_load=True)
         self.service, self.device = service, device
         self.initialized = True
 
@@ -108,7 +108,7 @@ class YoloHandler(BaseHandler):
                     "handler: to serve on CPU instead"
                 ) from e
             logger.error("CPU FALLBACK: GPU %s is unusable (%s); this worker serves on CPU (handler.cpu_fallback)", props.get("gpu_id"), e)
-            _record(context, METRIC_CPU_FALLBACK, 1, unit="count")
+            _record(context, METRIC_CPU_FALLBACK, 1, unit="count", at_load=True)
             set_threads(config.torch_threads, CPU, yaml)
             return load(CPU), CPU
 
@@ -175,16 +175,18 @@ def _content_type(context, idx: int) -> str | None:
     return None
 
 
-def _record(context, name: str, value: float, unit: str = "ms", dimensions: list[Dimension] | None = None) -> None:
+def _record(context, name: str, value: float, unit: str = "ms", dimensions: list[Dimension] | None = None, at_load: bool = False) -> None:
     """A gauge through TorchServe's metrics API (absent in some test contexts); TorchServe adds the dimensions
-    ``ModelName`` and ``Level`` to ``dimensions``."""
+    ``ModelName`` and ``Level`` to ``dimensions``. ``at_load``: recorded in ``initialize``, where TorchServe 0.12's
+    request id is one string, not a dict by batch index, and asking for index 0 raises TypeError inside it."""
     metrics = getattr(context, "metrics", None)
     if metrics is None:
         return
+    idx = None if at_load else 0
     try:
         if unit == "ms":
-            metrics.add_time(name, value, idx=0, unit="ms", dimensions=list(dimensions or []))
+            metrics.add_time(name, value, idx=idx, unit="ms", dimensions=list(dimensions or []))
         else:
-            metrics.add_metric(name, value, unit, idx=0, dimensions=list(dimensions or []), metric_type=MetricTypes.GAUGE)
+            metrics.add_metric(name, value, unit, idx=idx, dimensions=list(dimensions or []), metric_type=MetricTypes.GAUGE)
     except Exception:  # noqa: BLE001 - a metric must never fail a request
         logger.warning("could not record metric %s", name, exc_info=True)

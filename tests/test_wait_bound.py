@@ -9,18 +9,18 @@ not touch queued jobs (measured in ``docs/torchserve.md``, "How long a request c
 ``useJobTicket: true`` (an opt-in: it also refuses every request that finds no idle worker) makes
 TorchServe itself answer 503 at once.
 
-The archives are built with the plain archiver command and ``handler: {imgsz: 500}`` (no multiple of
-the stride 32), which the worker's validator rejects when it loads: ``build_archive`` refuses it.
+The archives' handler is ``tests/wrapped_handlers/failing_load_handler.py``: its model load fails with an I/O
+error, a failure that a retry may fix, so the worker dies and TorchServe restarts it. (A model that cannot load
+for good, a bad setting or file, gets a worker that answers every request with a 503 at once:
+``tests/test_load_failure.py``.)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,14 +29,14 @@ import pytest
 import requests
 import yaml
 
-from export.archive import archiver_command, model_config_yaml, stage_handler_code
-from handler.contract import MODEL_CONFIG_FILE
+from export.archive import model_config_yaml
+from serving_support import wrapped_archive
 from tools.server import PORT_KEYS, REPO_CONFIG, TorchServe, free_ports, server_env, server_properties
+from wrapped_handlers.failing_load_handler import MESSAGE as LOAD_ERROR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = "yolo"  # the shipped TorchServe keys (export/archive.py), only the handler section broken
+SHIPPED = "yolo"  # the shipped TorchServe keys (export/archive.py), a load that fails on an I/O error
 TICKET = "yolo_ticket"  # the same plus the opt-in useJobTicket: true
-BROKEN_HANDLER = {"imgsz": 500, "warmup": 0}
 CLIENT_TIMEOUT_S = 5.0  # the bound with the shipped settings: the client's --timeout
 CLIENT_SLACK_S = 2.0  # in-process: the client's own work around the wait
 INTERPRETER_SLACK_S = 20.0  # a fresh Python importing cv2/numpy/requests on a loaded 2-core host
@@ -56,12 +56,8 @@ def test_shipped_config_has_no_key_that_silences_answers():
 
 
 def _archive(export_dir: Path, store: Path, name: str, torchserve: dict) -> None:
-    """``store/NAME.mar`` with the shipped model-config.yaml (plus ``torchserve`` keys) and the broken handler section.
-    Without ``metadata``, ``model_config_yaml`` checks only the values, not the stride, so imgsz 500 passes."""
-    (export_dir / MODEL_CONFIG_FILE).write_text(model_config_yaml(BROKEN_HANDLER, torchserve=torchserve))
-    stage_handler_code(export_dir)
-    with tempfile.TemporaryDirectory(prefix="archiver_") as tmp:
-        subprocess.run(archiver_command(export_dir, name, store), check=True, capture_output=True, timeout=300, env={**os.environ, "TMPDIR": tmp})
+    """``store/NAME.mar`` with the shipped model-config.yaml (plus ``torchserve`` keys) and a load that always fails."""
+    wrapped_archive(export_dir, store, "failing_load_handler.py", name=name, torchserve=torchserve, handler_settings={"warmup": 0})
 
 
 def _worker_deaths(server: TorchServe, model: str) -> int:
@@ -142,7 +138,7 @@ def test_no_worker_alive(dead_server):
     """The premise: no worker is READY, and the worker's own error is in its log."""
     for model in (SHIPPED, TICKET):
         assert not [w for w in _describe(dead_server, model)["workers"] if w["status"] == "READY"]
-    assert "handler.imgsz [500, 500] is not a multiple of the model's max stride 32" in dead_server.model_log()
+    assert LOAD_ERROR in dead_server.model_log()
 
 
 def test_torchserve_keeps_a_queued_request_unanswered(dead_server, image):

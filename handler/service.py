@@ -329,9 +329,8 @@ class FailedModel:
     def from_load_error(cls, error: Exception, name: str | None = None, version: str | None = None) -> "FailedModel":
         model = " ".join(str(p) for p in (name, version) if p) or "the model"
         return cls(ModelLoadFailed(
-            f"{model} could not load: {type(error).__name__}: {error}. This worker answers 503 until the archive is fixed: "
-            "rebuild it with `yolo-ts-export --archive` (it checks the settings and files before it packs), then register "
-            "it again or restart TorchServe (the full error is in logs/model_log.log)"
+            f"{model} could not load: {type(error).__name__}: {error}. Every request gets this 503 until a fixed archive is "
+            "registered (`yolo-ts-export --archive` checks the settings and files before it packs); full error: logs/model_log.log"
         ), name, version)
 
     def handle(

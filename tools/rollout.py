@@ -140,9 +140,11 @@ class Management:
         r = self.call("GET", f"/models/{name}/{version}", timeout=timeout, params={"customized": "true"})
         try:
             description = r.json()[0]
-        except (ValueError, LookupError, AttributeError):
+        except (ValueError, LookupError, AttributeError, TypeError):
             description = None
-        if r.status_code != 200 and not (isinstance(description, dict) and ModelLoadFailed.message_in(_custom(description))):
+        if not isinstance(description, dict):
+            raise RolloutError(f"{name} {version}: no description ({r.status_code}: {r.text.strip()[:200]})")
+        if r.status_code != 200 and not ModelLoadFailed.message_in(_custom(description)):
             raise RolloutError(f"{name} {version} is not registered ({r.status_code}: {r.text.strip()[:200]})")
         return description
 

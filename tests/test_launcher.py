@@ -4,6 +4,7 @@ TorchServe can rewrite ``key_file.json``, and a worker that cannot load reported
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess

@@ -10,6 +10,9 @@ directly, and so can any other frontend::
 A batch (:meth:`YoloService.handle`) answers every request on its own: a request that cannot be read
 gets its own 4xx (or a 500 for our own bug), and the others still run in one batched forward.
 
+A model that cannot load for good (:data:`PERMANENT_LOAD_ERRORS`) is served by :class:`FailedModel`, with the
+same ``handle``/``describe_answer``/``predict``: every request gets the load error as a 503.
+
 Video streams (``handler/video.py``, ``docs/tracking.md``): a request with ``track=bytetrack|botsort``
 starts a stream, ``stream=<id>`` continues it, ``end=true`` ends it; its answer carries ``"stream"`` and a
 ``track_id`` per detection, and the header ``X-Stream-Id`` (:attr:`Answer.headers`)::

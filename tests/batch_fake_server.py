@@ -35,6 +35,11 @@ def fake_answer(image: bytes, task: str = "detect") -> dict:
             "speed_ms": {"preprocess": 1.0, "inference": 1.0, "postprocess": 1.0}}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # a client that timed out leaves a broken pipe: expected here
+        pass
+
+
 class FakeTorchServe:
     def __init__(self, key_file: Path, task: str = "detect", port: int = 0) -> None:
         self.key_file, self.task = key_file, task
@@ -91,7 +96,7 @@ class FakeTorchServe:
                     return self._send(400, {"error": {"type": "invalid_parameter", "message": "conf must be between 0 and 1, got 7.0"}})
                 return self._send(200, fake_answer(image, server.task))
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()

@@ -282,6 +282,9 @@ def test_folder_to_stdout_with_progress_and_retries(fake, tmp_path, capsys):
     assert server.sent(b"503x2 busy") == 3 and server.sent(b"drop once") == 2 and server.sent(b"slow once") == 2
     assert "4/4" in err and "img/s" in err  # tqdm's bar
     assert "4 of 4 image(s) answered, 0 failed" in err and "images/s" in err
+    from bench.batch_client import SUMMARY  # the throughput benchmark reads this summary
+
+    assert SUMMARY.search(err).group(1, 2, 3) == ("4", "4", "0")
 
 
 def test_expired_key_is_renewed_once_for_all_threads(fake, tmp_path, capsys):
@@ -341,7 +344,7 @@ def test_server_that_goes_away_stops_the_run_and_keeps_the_answers(fake, tmp_pat
 def test_a_server_that_stays_busy_stops_the_run(fake, tmp_path, capsys):
     server = fake()
     folder = images(tmp_path / "in", {"a.jpg": b"503 forever", "b.jpg": b"plain b"})
-    rc, out, err = run([str(folder), "--retries", "2", "--workers", "1", *server.args()], capsys)
+    rc, _, err = run([str(folder), "--retries", "2", "--workers", "1", *server.args()], capsys)
     assert rc == 1 and server.sent(b"503 forever") == 3
     assert "HTTP 503: Model yolo has no worker, also after 2 retries" in err
 

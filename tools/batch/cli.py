@@ -160,6 +160,7 @@ def _send_all(args: argparse.Namespace, images: ImageSet, output, ids: CocoIds) 
     runner = Runner(keys, Request(args.url, request_params(args), args.timeout, args.retries), args.workers, images.name, args.save_dir)
     answered, stopped = 0, None
     bar = _progress(len(images.paths), already)
+    bar.set_postfix_str("errors=0", refresh=False)
     last_checkpoint = t0 = time.monotonic()
 
     def on_outcome(o: Outcome) -> None:

@@ -15,7 +15,11 @@ YOLO label files of every task against Ultralytics' own ``predict(save_txt=True,
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,7 +33,8 @@ from tools.batch import coco_eval, formats
 from tools.batch.sources import Dataset
 from tools.client import main as client_main
 from tools.client import predict
-from tools.server import running_server
+from tools.server import REPO_ROOT as REPO
+from tools.server import running_server, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 pytest.importorskip("pycocotools", reason="pycocotools (the test extra) reads the COCO results")
@@ -146,8 +151,12 @@ def dataset(tmp_path_factory, sample_images, pose_weights):
 
 
 @pytest.fixture(scope="module")
-def server(pose_export, tmp_path_factory):
-    store = build_test_store(pose_export.out_dir, tmp_path_factory, "batch_store", {"torch_threads": 1, "warmup": 1})
+def store(pose_export, tmp_path_factory):
+    return build_test_store(pose_export.out_dir, tmp_path_factory, "batch_store", {"torch_threads": 1, "warmup": 1})
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
     with running_server(store, tmp_path_factory.mktemp("batch_server")) as s:
         yield s
 
@@ -183,6 +192,42 @@ def test_jsonl_answers_are_the_single_requests_answers_and_bad_files_are_recorde
     rc, _, err = client(server, [str(folder), "--out", str(out)], capsys)
     assert rc == 1 and "0 of 2 image(s) answered, 2 failed, 6 skipped (already in" in err
     assert len(out.read_text().splitlines()) == 6
+
+
+def test_a_server_stopped_mid_run_keeps_the_answers_and_the_next_run_goes_on(store, sample_images, tmp_path):
+    """``torchserve --stop`` while the client runs (a subprocess, as a user runs it): one line saying that the
+    server stopped answering, exit 1, every answer so far kept; a run against a new server sends the rest."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(120):
+        shutil.copy(sample_images[i % 2], folder / f"{i:03d}_{sample_images[i % 2].name}")
+    out = tmp_path / "r.jsonl"
+
+    def start_client(server) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tools.client", str(folder), "--out", str(out), "--retries", "1", "--url",
+                                 server.predictions_url, "--management-url", server.management_url, "--key-file", str(server.key_file)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TQDM_DISABLE": "1"})
+
+    server = start_server(store, tmp_path / "ts1")
+    try:
+        proc = start_client(server)
+        deadline = time.monotonic() + 300
+        while (not out.exists() or len(out.read_text().splitlines()) < 10) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    _, err = proc.communicate(timeout=300)
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "stopped answering" in err and "run the same command again to go on" in err, err
+    assert 10 <= len(kept) < 120 and all("detections" in a for a in kept)
+    with running_server(store, tmp_path / "ts2") as again:
+        proc = start_client(again)
+        _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert f"{120 - len(kept)} of {120 - len(kept)} image(s) answered, 0 failed, {len(kept)} skipped" in err
+    assert sorted(json.loads(line)["path"] for line in out.read_text().splitlines()) == sorted(p.name for p in folder.iterdir())
 
 
 def test_yolo_pose_labels_match_ultralytics_save_txt(server, dataset, pose_weights, tmp_path, capsys):

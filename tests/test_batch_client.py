@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from batch_fake_server import FakeTorchServe, fake_answer
-from handler.mask_encoding import encode_rle
+from handler.encoding.masks import encode_rle
 from tools.batch import formats
 from tools.batch.outputs import CocoOutput, JsonlOutput, OutputError, YoloOutput
 from tools.batch.runner import backoff_s, saved_path

@@ -300,7 +300,7 @@ def test_yolo_labels_of_each_task_match_ultralytics_save_txt(task_export, sample
     at a threshold that lets some random-weight detections through."""
     from export import verify
     from export.checkpoint import build_yolo
-    from handler.decode import decode_image
+    from handler.image.decode import decode_image
     from handler.service import YoloService
 
     loaded = task_export.loaded

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The suffixes of the formats the server decodes (handler/decode.py: JPEG, PNG, WebP, BMP, TIFF); other
+# The suffixes of the formats the server decodes (handler/image/decode.py: JPEG, PNG, WebP, BMP, TIFF); other
 # files in a folder are skipped and counted.
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".mpo", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff"})
 LIST_SUFFIXES: frozenset[str] = frozenset({".txt"})

@@ -409,6 +409,7 @@ def test_save_dir_draws_each_image(fake, tmp_path, capsys):
         (["{d}", "--format", "yolo", "--out", "{t}/l", "--top-k", "3"], "--top-k must be 5 or more"),
         (["{d}", "--format", "coco", "--out", "{t}/r.json", "--eval"], "--eval needs ground truth"),
         (["{t}/missing/*.jpg"], "no file matches"),
+        (["{d}", "--out", "{t}/data.yaml/r.jsonl"], "error: cannot write"),
         (["{t}/missing.txt"], "does not exist"),
         (["{t}/empty"], "no images in"),
         (["{t}/data.yaml"], "has no 'val' split"),

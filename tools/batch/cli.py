@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from tools.batch import coco_eval, formats
-from tools.batch.outputs import CocoOutput, ErrorLog, JsonlOutput, OutputError, YoloOutput, sidecar
+from tools.batch.outputs import CHECKPOINT_S, CocoOutput, ErrorLog, JsonlOutput, OutputError, YoloOutput, sidecar
 from tools.batch.runner import Outcome, Request, Runner
 from tools.batch.sources import ImageSet, SourceError, image_set, is_batch_input  # noqa: F401 (tools/client.py asks it)
 from tools.client import ClientError, KeyRing
@@ -144,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, SourceError, OutputError, coco_eval.EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out cannot be created or opened
+        print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return _send_all(args, images, output, ids)
 
 
@@ -172,7 +175,7 @@ def _send_all(args: argparse.Namespace, images: ImageSet, output, ids: CocoIds) 
             errors.add(o.name, o.status, o.error_type, o.message)
             bar.set_postfix_str(f"errors={errors.count}", refresh=False)
         bar.update()
-        if time.monotonic() - last_checkpoint > 10:
+        if time.monotonic() - last_checkpoint > CHECKPOINT_S:
             output.checkpoint()
             last_checkpoint = time.monotonic()
 
@@ -181,12 +184,17 @@ def _send_all(args: argparse.Namespace, images: ImageSet, output, ids: CocoIds) 
         stopped = runner.stopped
     except (ClientError, formats.FormatError) as e:  # raised while writing an answer: the format does not fit
         stopped = str(e)
+    except OSError as e:
+        stopped = f"cannot write {e.filename or 'the output'}: {e.strerror or e}"
     except KeyboardInterrupt:
         stopped = "interrupted (Ctrl-C)"
     finally:
         bar.close()
-        output.close()
         errors.close()
+    try:
+        output.close()
+    except OSError as e:
+        stopped = stopped or f"cannot write {e.filename or 'the output'}: {e.strerror or e}"
     wall = time.monotonic() - t0
     where = output.describe()
     print(f"{answered} of {len(todo)} image(s) answered, {errors.count} failed"
@@ -195,7 +203,7 @@ def _send_all(args: argparse.Namespace, images: ImageSet, output, ids: CocoIds) 
           + (f"; errors in {errors.path}" if errors.count and errors.path else ""), file=sys.stderr)
     if stopped:
         left = len(todo) - answered - errors.count
-        print(f"error: {stopped}. Stopped with {left} image(s) not sent; the answers so far are kept"
+        print(f"error: {stopped}. Stopped with {left} image(s) not answered; the answers so far are kept"
               + ("; run the same command again to go on" if args.out else ""), file=sys.stderr)
     if args.eval and not stopped:
         try:

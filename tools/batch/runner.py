@@ -101,8 +101,9 @@ class Runner:
 
     def run(self, paths: Iterable[Path], on_outcome: Callable[[Outcome], None]) -> None:
         """Send every image of ``paths``; ``on_outcome`` is called in this thread, once per finished image,
-        in the order they finish. Returns when all are done or the run stopped (:attr:`stopped`); on
-        Ctrl-C, after handing over what has finished."""
+        in the order they finish. Returns when all are done or the run stopped (:attr:`stopped`), after
+        handing over every image that finished. Ctrl-C, or an exception of ``on_outcome``, stops at once:
+        an image answered but not handed over yet is sent again by the next run."""
         pending = iter(paths)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batch")
         running: set[Future] = set()
@@ -120,9 +121,6 @@ class Runner:
                     outcome = f.result()
                     if outcome is not None:
                         on_outcome(outcome)
-        except BaseException:
-            self._stop.set()
-            raise
         finally:
             self._stop.set()  # threads still sending (only after Ctrl-C) end without handing anything over
             pool.shutdown(wait=False, cancel_futures=True)
@@ -159,7 +157,10 @@ class Runner:
         except ValueError:
             return Outcome(name, None, r.status_code, "not_json", f"the answer is not JSON: {r.text[:200]!r}")
         if self.save_dir is not None:
-            problem = self._save(data, answer, saved_path(self.save_dir, name))
+            try:
+                problem = self._save(data, answer, saved_path(self.save_dir, name))
+            except (cv2.error, OSError, KeyError, TypeError, ValueError) as e:  # an answer our drawing does not know
+                problem = f"could not draw the answer: {e}"
             if problem:
                 return Outcome(name, None, None, "save_failed", problem)
         return Outcome(name, answer)

@@ -104,7 +104,9 @@ def open_output(args: argparse.Namespace, ids: CocoIds):
         return CocoOutput(args.out, ids.category_id, ids.image_id)
     if args.format == "yolo":
         return YoloOutput(args.out)
-    return JsonlOutput(args.out)
+    from tqdm import tqdm
+
+    return JsonlOutput(args.out, lambda line: tqdm.write(line, file=sys.stdout))  # stdout without --out, under the bar
 
 
 def request_params(args: argparse.Namespace) -> dict:

@@ -85,11 +85,14 @@ class ImageRecord:
 class JsonlOutput:
     """``--format jsonl``: one line per answered image, appended as answers arrive (stdout without ``--out``)."""
 
-    def __init__(self, out: Path | None, stdout: TextIO | None = None) -> None:
+    def __init__(self, out: Path | None, print_line: Callable[[str], None] | None = None) -> None:
+        """``print_line``: how a line goes to stdout without ``--out`` (the CLI's keeps the progress bar
+        intact); default ``print``."""
         self.out = out
         self.answered: set[str] = set()
+        self._print = print_line or (lambda line: print(line, flush=True))
+        self._file: TextIO | None = None
         if out is None:
-            self._file = stdout or sys.stdout
             return
         if out.is_dir():
             raise OutputError(f"--out {out} is a folder; --format jsonl writes a file")
@@ -117,6 +120,9 @@ class JsonlOutput:
         return names
 
     def add(self, name: str, answer: dict) -> None:
+        if self._file is None:
+            self._print(formats.jsonl_line(name, answer))
+            return
         self._file.write(formats.jsonl_line(name, answer) + "\n")
         self._file.flush()
 
@@ -124,7 +130,7 @@ class JsonlOutput:
         pass
 
     def close(self) -> None:
-        if self.out is not None:
+        if self._file is not None:
             self._file.close()
 
     def describe(self) -> str:

@@ -8,7 +8,10 @@ Schema (one object per request)::
 
 ``model_version`` is the version that answered (TorchServe's, from the archive), so that a client sees
 a rollout happen. What the results hold is each task's own (``handler/tasks/``). Coordinates are in original-image
-pixels with 2 decimals; scores have 4 decimals.
+pixels with 2 decimals; scores have 4 decimals. A request with ``full_precision=true`` gets them unrounded: the
+float32 values the postprocessor computed, written as JSON numbers that convert back to the same float32
+(``numpy.float32(value)``), for clients that recompute from them what Ultralytics computes from its tensors
+(``yolo-ts-client --format yolo`` writes Ultralytics' label files from them).
 """
 
 from __future__ import annotations
@@ -48,14 +51,14 @@ class ModelInfo:
         )
 
 
-def px(v: float) -> float:
-    """A coordinate in original-image pixels, as the response rounds it."""
-    return round(float(v), PIXEL_DECIMALS)
+def px(v: float, full: bool = False) -> float:
+    """A coordinate in original-image pixels, as the response rounds it (``full``: not rounded)."""
+    return float(v) if full else round(float(v), PIXEL_DECIMALS)
 
 
-def score(v: float) -> float:
-    """A score, probability, visibility or angle, as the response rounds it."""
-    return round(float(v), SCORE_DECIMALS)
+def score(v: float, full: bool = False) -> float:
+    """A score, probability, visibility or angle, as the response rounds it (``full``: not rounded)."""
+    return float(v) if full else round(float(v), SCORE_DECIMALS)
 
 
 def response_body(info: ModelInfo, width: int, height: int, key: str, results: Any, speed_ms: dict[str, float]) -> dict:

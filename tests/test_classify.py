@@ -114,7 +114,7 @@ def test_top_k_in_every_form_and_detection_parameters_refused():
     for bad, words in [(b"0", "between 1 and"), (b"2.5", "must be an integer"), (b"x", "must be an integer"), (b"1001", "between 1 and 1000")]:
         with pytest.raises(InvalidParameter, match=words):
             parse_request_({"body": bytearray(JPEG), "top_k": bytearray(bad)}, TopK(), names)
-    with pytest.raises(InvalidParameter, match=r"\['conf', 'classes'\] filter detections .* parameters are \['top_k'\]"):
+    with pytest.raises(InvalidParameter, match=r"\['conf', 'classes'\] filter detections .* parameters are \['top_k', 'full_precision'\]"):
         parse_request_({"body": bytearray(JPEG), "conf": bytearray(b"0.5"), "classes": bytearray(b"1")}, TopK(), names)
     with pytest.raises(InvalidParameter, match=r"\['top_k'\] do not apply to a detect model"):
         parse_request_({"body": bytearray(JPEG), "top_k": bytearray(b"3")}, Thresholds(), names)

@@ -224,5 +224,5 @@ def test_model_description_names_the_classes_and_parameters(server):
     custom = r.json()[0]["customizedMetadata"]  # TorchServe parses the handler's JSON text
     custom = json.loads(custom) if isinstance(custom, str) else custom
     assert custom["task"] == "pose" and custom["names"] == ["person"] and custom["kpt_shape"] == [17, 3]
-    assert custom["parameters"] == ["conf", "iou", "max_det", "classes", "polygons"] and custom["imgsz"] == [640, 640]
+    assert custom["parameters"] == ["conf", "iou", "max_det", "classes", "polygons", "full_precision"] and custom["imgsz"] == [640, 640]
 

@@ -214,8 +214,10 @@ def test_client_streams_a_video_file_and_saves_it_annotated(server, clip, tmp_pa
     out = tmp_path / "clip.tracked.mp4"
     rc = main(["--video", str(video), "--tracker", "botsort", "--save", str(out), "--url", server.predictions_url,
                "--key-file", str(server.key_file), "--management-url", server.management_url])
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
     assert rc == 0 and [a["stream"]["frame"] for a in lines] == [1, 2, 3, 4, 5, 6]
+    assert "6/6" in captured.err and "frame/s" in captured.err  # the progress bar
     assert len({a["stream"]["id"] for a in lines}) == 1 and {d["track_id"] for d in lines[-1]["detections"]} >= {1, 2}
     cap = cv2.VideoCapture(str(out))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6 and cap.read()[0]

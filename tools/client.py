@@ -1,6 +1,7 @@
 """Command-line client: POST an image to the served model, print the JSON, optionally draw it.
 
     python -m tools.client bus.jpg --save bus.annotated.jpg
+    python -m tools.client photos/ --out results.jsonl                  # many images: tools/batch, docs/batch.md
     python -m tools.client bus.jpg --conf 0.5 --classes person --url http://127.0.0.1:8080/predictions/yolo
     python -m tools.client bus.jpg --top-k 3 --save bus.top3.jpg          # a classify model
     python -m tools.client --video clip.mp4 --tracker botsort --save clip.tracked.mp4   # one tracked stream
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
@@ -103,25 +105,55 @@ KEY_FILE_STALE = (
 )
 
 
+class KeyRing:
+    """The inference key of ``key_file``, shared by the threads of one client: read once, renewed once when
+    TorchServe rejects it (see the module doc), however many threads saw the rejection."""
+
+    def __init__(self, key_file: Path, management_url: str = DEFAULT_MANAGEMENT_URL, timeout: float = 120) -> None:
+        self.key_file, self.management_url, self.timeout = key_file, management_url, timeout
+        self._lock = threading.Lock()
+        self._token = load_token(key_file)
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    def renewed(self, rejected: str | None) -> str | None:
+        """A key to use instead of ``rejected``: another thread's renewal, the file's key if another client
+        renewed it, or a new one from the management API."""
+        with self._lock:
+            if self._token != rejected:
+                return self._token
+            fresh = load_token(self.key_file)
+            if fresh == rejected:
+                try:
+                    fresh = renew_token(self.key_file, self.management_url, timeout=self.timeout)
+                except requests.HTTPError as e:  # the management API rejects the file's API key as well
+                    raise ClientError(KEY_FILE_STALE.format(key_file=self.key_file)) from e
+            self._token = fresh
+            return fresh
+
+    def predict(
+        self, image: bytes | None, url: str = DEFAULT_URL, params: dict | None = None, timeout: float = 120,
+        session: requests.Session | None = None,
+    ) -> requests.Response:
+        """:func:`predict` with this key; on a rejected key, renew it and retry once."""
+        token = self._token
+        r = predict(image, url, token, params, timeout, session)
+        if not is_token_rejected(r) or not self.key_file.is_file():
+            return r
+        r = predict(image, url, self.renewed(token), params, timeout, session)
+        if is_token_rejected(r):
+            raise ClientError(KEY_FILE_STALE.format(key_file=self.key_file))
+        return r
+
+
 def predict_with_key_file(
     image: bytes, key_file: Path, url: str = DEFAULT_URL, management_url: str = DEFAULT_MANAGEMENT_URL,
     params: dict | None = None, timeout: float = 120, session: requests.Session | None = None,
 ) -> requests.Response:
     """:func:`predict` with the key from ``key_file``; on a rejected key, renew it (see the module doc) and retry once."""
-    token = load_token(key_file)
-    r = predict(image, url, token, params, timeout, session)
-    if not is_token_rejected(r) or not key_file.is_file():
-        return r
-    fresh = load_token(key_file)
-    if fresh == token:
-        try:
-            fresh = renew_token(key_file, management_url, timeout=timeout)
-        except requests.HTTPError as e:  # the management API rejects the file's API key as well
-            raise ClientError(KEY_FILE_STALE.format(key_file=key_file)) from e
-    r = predict(image, url, fresh, params, timeout, session)
-    if is_token_rejected(r):
-        raise ClientError(KEY_FILE_STALE.format(key_file=key_file))
-    return r
+    return KeyRing(key_file, management_url, timeout).predict(image, url, params, timeout, session)
 
 
 def predict(
@@ -259,12 +291,14 @@ class Trails:
         return image
 
 
-def video_frames(source: str) -> tuple[Iterator[np.ndarray], float]:
-    """The BGR frames of a video file or of a camera (``source`` all digits: its index), and the frame rate."""
+def video_frames(source: str) -> tuple[Iterator[np.ndarray], float, int | None]:
+    """The BGR frames of a video file or of a camera (``source`` all digits: its index), the frame rate,
+    and the number of frames (None for a camera, or when the file does not say)."""
     cap = cv2.VideoCapture(int(source)) if source.isdigit() else cv2.VideoCapture(source)
     if not cap.isOpened():
         raise ClientError(f"OpenCV cannot open {'camera ' if source.isdigit() else ''}{source}")
     fps = cap.get(cv2.CAP_PROP_FPS) or 10.0
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if not source.isdigit() else 0
 
     def frames() -> Iterator[np.ndarray]:
         try:
@@ -276,16 +310,21 @@ def video_frames(source: str) -> tuple[Iterator[np.ndarray], float]:
         finally:
             cap.release()
 
-    return frames(), fps if 0 < fps < 1000 else 10.0
+    return frames(), fps if 0 < fps < 1000 else 10.0, count if count > 0 else None
 
 
 def stream_video(args: argparse.Namespace) -> int:
-    """``--video``: one stream over the frames, a JSON line per frame, ``--save`` the annotated video."""
-    frames, fps = video_frames(args.video)
+    """``--video``: one stream over the frames, a JSON line per frame, ``--save`` the annotated video; a
+    progress bar (tqdm) on stderr."""
+    from tqdm import tqdm
+
+    frames, fps, count = video_frames(args.video)
     ext, flags = FRAME_FORMATS[args.frame_format]
     session, stream_id, writer, trails, sent = requests.Session(), None, None, Trails(args.trail), 0
-    call = lambda image, params: predict_with_key_file(  # noqa: E731
-        image, args.key_file, args.url, args.management_url, params, args.timeout, session)
+    keys = KeyRing(args.key_file, args.management_url, args.timeout)
+    call = lambda image, params: keys.predict(image, args.url, params, args.timeout, session)  # noqa: E731
+    total = min(count, args.max_frames) if count and args.max_frames else (count or args.max_frames or None)
+    bar = tqdm(total=total, unit="frame", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
     try:
         for frame in frames:
             if args.max_frames and sent >= args.max_frames:
@@ -294,11 +333,13 @@ def stream_video(args: argparse.Namespace) -> int:
             params.update({"track": args.tracker} if stream_id is None else {"stream": stream_id})
             r = call(cv2.imencode(ext, frame, flags)[1].tobytes(), params)
             body = _json(r)
+            bar.clear()
             print(json.dumps(body, separators=(",", ":")), flush=True)
             if r.status_code != 200:
                 print(f"error: HTTP {r.status_code} on frame {sent + 1}: {body.get('error', {}).get('message', r.text)}", file=sys.stderr)
                 return 1
             stream_id, sent = body["stream"]["id"], sent + 1
+            bar.update()
             if args.save:
                 if writer is None:
                     writer = cv2.VideoWriter(str(args.save), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frame.shape[1], frame.shape[0]))
@@ -310,6 +351,7 @@ def stream_video(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; ending the stream", file=sys.stderr)
     finally:
+        bar.close()
         if writer is not None:
             writer.release()
         if stream_id is not None:
@@ -332,8 +374,11 @@ def _json(r: requests.Response) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from tools.batch import cli as batch  # imported here: tools.batch imports this module
+
     p = argparse.ArgumentParser(prog="python -m tools.client", description=__doc__.splitlines()[0])
-    p.add_argument("image", type=Path, nargs="?", help="image file (JPEG, PNG, WebP, BMP, TIFF); or give --video")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="an image file (JPEG, PNG, WebP, BMP, TIFF); or many: a folder, "
+                   "a glob (quoted), a text file of paths, a dataset YAML, or several files (see the batch options); or give --video")
     p.add_argument("--video", help="a video file or a camera index (0, 1, ...): send its frames as one tracked stream")
     p.add_argument("--tracker", default="bytetrack", choices=["bytetrack", "botsort"], help="--video: the tracker (default bytetrack)")
     p.add_argument("--frame-format", default="jpg", choices=sorted(FRAME_FORMATS), help="--video: how frames are sent (default jpg, quality 95)")
@@ -351,14 +396,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save", type=Path, help="write the image with the detections (classify: the top-k labels) drawn on it; "
                    "with --video: the annotated video (.mp4) with track IDs and trails")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer (default 120)")
+    batch.add_arguments(p)
     args = p.parse_args(argv)
-    if (args.image is None) == (args.video is None):
-        p.error("give an image file or --video (not both)")
+    if bool(args.inputs) == (args.video is not None):
+        p.error("give an image file (or many images) or --video (not both)")
+    args.batch = bool(args.inputs) and (batch.is_batch_input(args.inputs) or batch.wants_batch(args))
+    args.image = None if args.batch or not args.inputs else Path(args.inputs[0])
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.batch:
+        from tools.batch import cli as batch
+
+        return batch.run(args)
     if args.video is not None:
         try:
             return stream_video(args)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 from torch import Tensor
 
+from handler import request_values as p
 from handler.image.classify_crop import CropParams
 from handler.image.letterbox import LetterboxParams
 from handler.response import ModelInfo
@@ -35,6 +36,13 @@ class ResponseOptions:
     """Per-request choices of what a response carries (not of what is computed)."""
 
     polygons: bool = False  # segment models: add each mask's outline as "polygon"
+    full_precision: bool = False  # coordinates and scores unrounded (handler/response.py)
+
+
+def full_precision(params: dict[str, Any]) -> bool:
+    """A request's ``full_precision`` (``true``/``false``, ``1``/``0``; default false), which the tasks whose
+    answers hold coordinates or scores take."""
+    return p.boolean("full_precision", params["full_precision"]) if "full_precision" in params else False
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Image classification: resized + cropped image -> logits -> softmax top-k -> ``"top"``.
 
-Request parameter: ``top_k`` (1..1000; above ``nc`` all classes). Transform: Ultralytics' resize +
+Request parameters: ``top_k`` (1..1000; above ``nc`` all classes) and ``full_precision`` (scores unrounded). Transform: Ultralytics' resize +
 center crop (:func:`handler.image.classify_crop.classify_transform`). Postprocessor:
 :class:`export.classify.ClassifyPostprocess` (inputs ``feats, top_k``; outputs ``scores, class_ids,
 counts``; contract in ``export/classify.py``).
 
 Results, ``"top"``, highest score first::
 
-    [{"class_id": 0, "class_name": "tench", "score": 0.8123}, ...]
+    [{"class_id": 0, "class_name": "tench", "score": 0.8123}, ...]     # 4 decimals, unless full_precision=true
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from handler import request_values as p
 from handler.errors import InvalidParameter
 from handler.image.classify_crop import classify_transform
 from handler.response import ModelInfo, score
-from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task
+from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task, full_precision
 
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000  # above nc the postprocessor returns all nc classes
@@ -51,19 +51,20 @@ class TopClasses:
 
 class ClassifyTask(Task):
     name = "classify"
-    parameters = ("top_k",)
+    parameters = ("top_k", "full_precision")
     foreign = "filter detections and do not apply to a classify model"
     results_key = "top"
 
     def default_options(self, config: Any = None) -> TopK:
         return TopK()
 
-    def options(self, params: dict[str, Any], defaults: TopK, names: Sequence[str]) -> tuple[TopK, None]:
+    def options(self, params: dict[str, Any], defaults: TopK, names: Sequence[str]) -> tuple[TopK, ResponseOptions]:
         t = TopK(p.integer("top_k", params["top_k"])) if "top_k" in params else defaults
         try:
-            return t.validate(len(names)), None
+            t = t.validate(len(names))
         except ValueError as e:
             raise InvalidParameter(str(e)) from None
+        return t, ResponseOptions(full_precision=full_precision(params))
 
     def transform(self, imgsz, stride: int, letterbox_mode: str | None) -> ImageTransform:
         """Every input gets the shape ``imgsz``, so a batch is one forward; ``letterbox_mode`` is not used."""
@@ -78,8 +79,9 @@ class ClassifyTask(Task):
         ]
 
     def to_json(self, output: TopClasses, info: ModelInfo, options: ResponseOptions | None) -> list[dict]:
+        full = options is not None and options.full_precision
         return [
-            {"class_id": int(c), "class_name": info.names[int(c)], "score": score(s)}
+            {"class_id": int(c), "class_name": info.names[int(c)], "score": score(s, full)}
             for c, s in output.top.numpy().astype(np.float64)
         ]
 

@@ -1,7 +1,7 @@
 """The detection family: detect, pose and OBB models (segment extends it in ``segment.py``).
 
-Request parameters: ``conf``, ``iou``, ``max_det``, ``classes`` (ids or names) and ``polygons`` (which
-only a segment model uses; the others accept and ignore it). Transform: the one letterbox
+Request parameters: ``conf``, ``iou``, ``max_det``, ``classes`` (ids or names), ``polygons`` (which
+only a segment model uses; the others accept and ignore it) and ``full_precision`` (numbers unrounded). Transform: the one letterbox
 (``handler/image/letterbox.py``). Postprocessor: :class:`export.postprocess.YoloPostprocess`, whose contract
 (inputs ``feats, geometry, conf, iou, max_det, class_mask``; outputs ``detections, counts, masks``) is
 written down in ``export/postprocess.py``.
@@ -13,7 +13,8 @@ Results, ``"detections"``: one object per detection, sorted by score, highest fi
 
 OBB models add ``"obb": {"cx", "cy", "w", "h", "angle"}`` (the rotated box; angle in radians) and
 ``"corners": [[x, y] x 4]``; their ``"box"`` is the axis-aligned hull of the corners. Boxes, corners and
-keypoints are in original-image pixels (2 decimals); scores, visibilities and angles have 4 decimals.
+keypoints are in original-image pixels (2 decimals); scores, visibilities and angles have 4 decimals
+(with ``full_precision=true``: not rounded).
 
 Tracked frames (``handler/video.py``): what ``YOLO.track(frame, persist=True)`` shows. Each detection
 starts with ``"track_id"``; the detections are in the tracker's order (not by score), their boxes (OBB:
@@ -36,11 +37,11 @@ from handler import request_values as p
 from handler.errors import InvalidParameter
 from handler.image.letterbox import LETTERBOX_MODES, letterbox
 from handler.response import ModelInfo, px, score
-from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task
+from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task, full_precision
 from handler.tracking import Detections as TrackerDetections
 from handler.tracking import FrameTracks
 
-PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes", "polygons")
+PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes", "polygons", "full_precision")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class DetectTask(Task):
         except ValueError as e:
             raise InvalidParameter(str(e)) from None
         polygons = p.boolean("polygons", params["polygons"]) if "polygons" in params else False
-        return t, ResponseOptions(polygons=polygons)
+        return t, ResponseOptions(polygons=polygons, full_precision=full_precision(params))
 
     def transform(self, imgsz, stride: int, letterbox_mode: str | None) -> ImageTransform:
         if letterbox_mode not in LETTERBOX_MODES:
@@ -143,26 +144,29 @@ class DetectTask(Task):
         dets, counts, _ = self.run_postprocessor(module, feats, items, nc)
         return [Detections(dets[row, : int(counts[row])]) for row in range(len(items))]
 
-    def detection_json(self, row: np.ndarray, info: ModelInfo) -> dict:
-        """One postprocessor row (x1, y1, x2, y2, score, class_id, then the task's columns) -> one detection."""
+    def detection_json(self, row: np.ndarray, info: ModelInfo, full: bool = False) -> dict:
+        """One postprocessor row (x1, y1, x2, y2, score, class_id, then the task's columns) -> one detection
+        (``full``: numbers not rounded)."""
         class_id = int(row[5])
         det = {
-            "box": [px(v) for v in row[:4]],
-            "score": score(row[4]),
+            "box": [px(v, full) for v in row[:4]],
+            "score": score(row[4], full),
             "class_id": class_id,
             "class_name": info.names[class_id],
         }
         if info.nkpt:
             kpts = row[6 : 6 + 3 * info.nkpt].reshape(info.nkpt, 3)  # [nkpt, (x, y, visibility)]
-            det["keypoints"] = [[px(x), px(y), score(v)] for x, y, v in kpts]
+            det["keypoints"] = [[px(x, full), px(y, full), score(v, full)] for x, y, v in kpts]
         if self.rotated:
             cx, cy, w, h, angle = row[6:11]
-            det["obb"] = {"cx": px(cx), "cy": px(cy), "w": px(w), "h": px(h), "angle": score(angle)}
-            det["corners"] = [[px(x), px(y)] for x, y in row[11:19].reshape(4, 2)]
+            det["obb"] = {"cx": px(cx, full), "cy": px(cy, full), "w": px(w, full), "h": px(h, full), "angle": score(angle, full)}
+            det["corners"] = [[px(x, full), px(y, full)] for x, y in row[11:19].reshape(4, 2)]
         return det
 
     def to_json(self, output: Detections, info: ModelInfo, options: ResponseOptions | None) -> list[dict]:
-        return with_track_ids([self.detection_json(r, info) for r in output.rows.numpy().astype(np.float64)], output.track_ids)
+        full = options is not None and options.full_precision
+        rows = output.rows.numpy().astype(np.float64)
+        return with_track_ids([self.detection_json(r, info, full) for r in rows], output.track_ids)
 
     # -- tracked frames (handler/video.py) ------------------------------------------------------------
     def tracking_defaults(self, config: Any, conf: float) -> Thresholds:

@@ -34,12 +34,13 @@ class SegmentTask(DetectTask):
 
     def to_json(self, output: Detections, info: ModelInfo, options: ResponseOptions | None) -> list[dict]:
         polygons = options is not None and options.polygons
+        full = options is not None and options.full_precision
         dets = []
         for row, mask in zip(output.rows.numpy().astype(np.float64), output.masks.numpy()):
-            det = self.detection_json(row, info)
+            det = self.detection_json(row, info, full)
             det["mask"] = encode_rle(mask)
             if polygons:
-                det["polygon"] = [[px(x), px(y)] for x, y in mask_polygon(mask)]
+                det["polygon"] = [[px(x, full), px(y, full)] for x, y in mask_polygon(mask)]
             dets.append(det)
         return with_track_ids(dets, output.track_ids)
 

@@ -28,8 +28,8 @@ def will_unpickle(weights: str) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m export",
-        description="Export an Ultralytics YOLO model (detect, pose, segment, OBB, classify) to a traced backbone (backbone.pt), a scripted "
+        prog="yolo-ts-export",
+        description="Export an Ultralytics model (YOLO detect, pose, segment, OBB, classify, semantic, depth; RT-DETR) to a traced backbone (backbone.pt), a scripted "
         "postprocessor (postprocess.pt) and metadata.json, then check them against Ultralytics itself.",
     )
     p.add_argument("--weights", required=True, help="Ultralytics .pt checkpoint, or a model .yaml such as yolo26n-pose.yaml (random weights, seeded)")

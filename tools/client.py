@@ -376,7 +376,7 @@ def _json(r: requests.Response) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from tools.batch import cli as batch  # imported here: tools.batch imports this module
 
-    p = argparse.ArgumentParser(prog="python -m tools.client", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="yolo-ts-client", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="an image file (JPEG, PNG, WebP, BMP, TIFF); or many: a folder, "
                    "a glob (quoted), a text file of paths, a dataset YAML, or several files (see the batch options); or give --video")
     p.add_argument("--video", help="a video file or a camera index (0, 1, ...): send its frames as one tracked stream")

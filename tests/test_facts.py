@@ -1,0 +1,31 @@
+"""Facts that must stand in more than one file (a deploy file, the package metadata) agree with their one home."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+
+import pytest
+
+from tools.server import REPO_ROOT
+
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+CONSOLE_SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
+
+
+@pytest.mark.parametrize("command", sorted(CONSOLE_SCRIPTS))
+def test_help_names_the_console_script(command, capsys):
+    """``yolo-ts-export --help`` says ``usage: yolo-ts-export``, the name the user typed, not ``python -m export``."""
+    module, function = CONSOLE_SCRIPTS[command].split(":")
+    with pytest.raises(SystemExit) as exit_:
+        getattr(importlib.import_module(module), function)(["--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {command} ")
+
+
+def test_package_description_names_every_served_task():
+    from handler.tasks import TASKS
+
+    description = PYPROJECT["project"]["description"].lower().replace("-", "")
+    missing = [name for name in TASKS if name not in description]
+    assert not missing, f"pyproject.toml's description does not name the served task(s) {missing}"

@@ -2,8 +2,15 @@
 
 Everything a client can get wrong is a :class:`RequestError`; the handler turns it into that
 request's status (``context.set_response_status(status, phrase, idx)``) and the body
-``{"error": {"type": ..., "message": ...}}``. Anything else is our bug: it is logged with its
-traceback and fails the batch (TorchServe answers 503).
+``{"error": {"type": ..., "message": ...}}``.
+
+Anything else is our bug, logged with its traceback. Where it fails decides who gets the error
+(``handler/service.py``):
+
+* while one request is read, decoded or transformed, or while one tracked frame is tracked: that
+  request alone gets 500 :class:`InternalError`; the rest of the batch is answered as usual;
+* in the batched forward or the postprocessor, which every request of the batch shares: the exception
+  leaves ``handle()`` and TorchServe fails the whole batch (503; 507 for an out-of-memory error).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m bench``: the benchmark of issue 7, in one run, interleaved, on the same images.
+"""``python -m bench``: the CPU benchmark (L0, L1, S, U, T), in one run, interleaved, on the same images.
 
 - L0: the traced backbone alone, on the already letterboxed tensor (the limit).
 - L1: the in-process pipeline, encoded bytes -> decode -> letterbox -> backbone -> postprocessor -> JSON.

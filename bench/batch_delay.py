@@ -1,5 +1,5 @@
 """``python -m bench.batch_delay``: served latency and throughput against ``maxBatchDelay`` and the
-thread layout, the curve behind the shipped defaults (issue 19).
+thread layout, the curve behind the shipped defaults.
 
 For every ``maxBatchDelay`` in ``--delays`` (and, at the chosen delay, every thread layout in ``--layouts``:
 workers x torch threads per worker) it archives the same export with those settings, starts TorchServe,

@@ -1,4 +1,4 @@
-"""``python -m bench.breakdown``: where the time of a lone served request goes (issue 19).
+"""``python -m bench.breakdown``: where the time of a lone served request goes.
 
 One request at a time, on ``bus.jpg``, ``zidane.jpg`` and a 3840x2160 frame, for our ``.mar`` and for
 a handler that does no work (``bench/null_handler.py``, same batching keys), under each TorchServe
@@ -105,7 +105,7 @@ class Probe:
         )
 
     def requests_rtt(self, data: bytes) -> float:
-        """The same request through ``requests`` (what bench.served.Client sent before issue 19)."""
+        """The same request through ``requests`` (what bench.served.Client sent before it moved to http.client)."""
         t0 = time.perf_counter()
         r = self.session.post(self.client.url, data=data, headers=self.client.headers, timeout=300)
         ms = (time.perf_counter() - t0) * 1000

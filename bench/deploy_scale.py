@@ -1,4 +1,4 @@
-"""``python -m bench.deploy_scale``: the deploy figures of issue 12, in one run.
+"""``python -m bench.deploy_scale``: the deploy figures (CPU limits and scaling on one machine), in one run.
 
 1. **One usable core**: TorchServe pinned to CPU 0 (its frontend and worker inherit the affinity, as under
    ``taskset -c 0`` or a one-CPU cpuset) with ``torch_threads: 0`` (auto, which must now choose 1), against

@@ -1,4 +1,4 @@
-"""Issue 18, Part B in one command: the GPU checks and figures, written as one JSON and a markdown summary.
+"""The GPU checks and figures, written as one JSON and a markdown summary.
 
     python3 -m bench.gpu_check [--exports exports/gpu_check] [--out DIR] [--device cuda:0|cpu] [--quick]
 
@@ -27,7 +27,7 @@ Sections, in order (the JSON is rewritten after each, so a run cut short keeps w
    3840x2160 frame at batch 8; L1/L0 at batch 32 FP16 (target >= 0.5).
 9. ``gpu_id``: a worker (``YoloHandler.initialize`` with TorchServe's context, in a child process) started with
    ``gpu_id 0`` allocates only on that device; CUDA hidden: the load fails, or serves on CPU with cpu_fallback.
-10. ``batch_delay``: what the per-batch L1 times say about ``maxBatchDelay`` (issue 19).
+10. ``batch_delay``: what the per-batch L1 times say about ``maxBatchDelay``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ MANIFEST_FILE = "manifest.json"
 JSON_FILE = "gpu_check.json"
 MD_FILE = "gpu_check.md"
 
-# The criteria of issue 18
+# The pass criteria (docs/gpu.md)
 FP32_TOL = 1e-3  # |value| difference, FP32 on the device vs the CPU reference (pixels, scores, probabilities)
 FP16_MIN_IOU = 0.99
 FP16_MAX_DSCORE = 0.01
@@ -687,7 +687,7 @@ def section_batch_delay(run: Run) -> dict:
     """The in-process side of ``maxBatchDelay``: how long a batch of B takes (L1) and how much of B lone
     requests' time it saves. A frontend that waits ``d`` ms to fill a batch costs a lone request ``d``; once
     requests queue while a batch runs, batches fill without waiting. So ``d`` above one batch-1 L1 time buys
-    nothing at low load, and under load the queue decides. The served curve (issue 19) is measured there."""
+    nothing at low load, and under load the queue decides. The served curve is measured there (bench/batch_delay.py)."""
     rows = run.results.get("throughput", {}).get("rows", [])
     if not rows:
         return {"skipped": "no throughput rows"}
@@ -826,7 +826,7 @@ def _md_gpu_id(g: dict) -> list[str]:
 
 
 def _md_batch_delay(bd: dict) -> list[str]:
-    lines = ["## maxBatchDelay (issue 19), from the in-process L1 times", "", bd["rule"], ""]
+    lines = ["## maxBatchDelay, from the in-process L1 times", "", bd["rule"], ""]
     for key, v in bd.items():
         if isinstance(v, dict):
             per = ", ".join(f"B{p['batch']} {p['ms']} ms ({p['ms_per_image']}/img)" for p in v["per_batch"])
@@ -843,7 +843,7 @@ _MD: dict[str, Callable[[dict], list[str]]] = {
 def summary(r: dict) -> str:
     """The markdown of a (possibly partial) result: a header line, then one part per section."""
     env = r.get("environment", {})
-    lines = ["# GPU check (issue 18, Part B)", "",
+    lines = ["# GPU check", "",
              f"{env.get('date', '?')} · {env.get('gpu', env.get('device', '?'))} · driver {env.get('driver', '–')} · "
              f"torch {env.get('torch', '?')} (CUDA {env.get('cuda', '–')}, cuDNN {env.get('cudnn', '–')}) · "
              f"torchvision {env.get('torchvision', '–')} · OpenCV {env.get('opencv', '?')} · {env.get('cpus', '?')} CPUs", ""]

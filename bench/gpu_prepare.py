@@ -1,4 +1,4 @@
-"""Write the folder that ``bench/gpu_check.py`` needs on a GPU machine without Ultralytics (issue 18, Part B).
+"""Write the folder that ``bench/gpu_check.py`` needs on a GPU machine without Ultralytics.
 
     python -m bench.gpu_prepare [--out exports/gpu_check] [--check-torch /path/to/other/python]
 

@@ -55,7 +55,7 @@ def config_ratios(results: dict, label: str, cores: int, image: str = TARGET_IMA
 def ratios_and_targets(results: dict, cores: int) -> tuple[dict, list[dict]]:
     """Per-configuration ratios and the targets of issues 7 and 19 (value, limit, met).
 
-    S/L1 and S/U (issue 19: on each benchmark image) are given for the headline configuration (1 worker,
+    S/L1 and S/U (on each benchmark image) are given for the headline configuration (1 worker,
     the shipped CPU batchSize) and for the configuration where the ratio is best; L1 - L0 for every
     thread count L1 ran on (bus.jpg).
     """

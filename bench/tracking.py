@@ -1,4 +1,4 @@
-"""``python -m bench.tracking``: video streams through a real TorchServe (issue 16's figures).
+"""``python -m bench.tracking``: video streams through a real TorchServe (the figures of docs/tracking.md).
 
 - One stream of 1280x720 frames end to end (client -> TorchServe -> handler -> JSON back), frame by frame:
   frames per second and latency, for ByteTrack, BoT-SORT and, as the reference, the same frames stateless.

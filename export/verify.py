@@ -42,7 +42,7 @@ class VerificationError(AssertionError):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How close two detection lists must be (defaults: the predict-parity tolerances of issue 2)."""
+    """How close two detection lists must be (defaults: the tolerances of the predict check, served pipeline vs ``YOLO.predict``)."""
 
     min_iou: float = 0.99
     score: float = 0.005
@@ -305,7 +305,7 @@ def check_predict(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path)
 
 
 CLASSIFY_EXACT = 1e-5  # same input tensor, our softmax vs the head's
-CLASSIFY_PROB_TOL = 1e-3  # issue 4: |dp| of the top-5 against results.probs
+CLASSIFY_PROB_TOL = 1e-3  # |dp| of the served top-5 against ``results.probs``
 
 
 def check_classify_decode(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path) -> float:

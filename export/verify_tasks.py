@@ -15,7 +15,7 @@ The modules are passed in (``backbone``: the traced backbone; ``postprocess``: t
 these checks do not depend on how the handler wires them; :func:`network_input` is the handler's
 ``BGR uint8 -> RGB float / 255`` step.
 
-Tolerances (issue 15): semantic maps >= :data:`SEMANTIC_SHARE` of pixels equal and every difference on a class
+Tolerances: semantic maps >= :data:`SEMANTIC_SHARE` of pixels equal and every difference on a class
 boundary; depth relative error at the 99th percentile of pixels <= :data:`DEPTH_P99_REL`; RT-DETR detections
 matched as ``export.verify.compare_detections`` does for detect (exact tolerances at the decode level).
 """
@@ -38,8 +38,8 @@ from handler.image.decode import decode_image
 from handler.image.letterbox import LetterboxParams, letterbox
 from handler.image.stretch import stretch
 
-SEMANTIC_SHARE = 0.995  # issue 15: share of pixels equal to results.semantic_mask
-DEPTH_P99_REL = 1e-3  # issue 15: relative error at the 99th percentile of pixels, against results.depth
+SEMANTIC_SHARE = 0.995  # share of pixels equal to results.semantic_mask
+DEPTH_P99_REL = 1e-3  # relative error at the 99th percentile of pixels, against results.depth
 RTDETR_EXACT = Tolerance(min_iou=0.999, score=1e-5, keypoint_px=0.01, mask_iou=0.95, edge=0.0)  # same raw tensors
 
 Module = Callable[..., tuple]

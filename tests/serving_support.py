@@ -41,7 +41,7 @@ def assert_same_response(a: dict, b: dict) -> None:
 
 
 def check_schema(body: dict, pose: bool) -> None:
-    """The response schema of issue 3, exactly (no extra or missing keys)."""
+    """The response schema of docs/tasks.md, exactly (no extra or missing keys)."""
     assert set(body) == {"model", "model_version", "task", "image", "detections", "speed_ms"}
     assert set(body["image"]) == {"width", "height"}
     assert set(body["speed_ms"]) == {"preprocess", "inference", "postprocess"}

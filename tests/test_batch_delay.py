@@ -1,4 +1,4 @@
-"""The batch delay the archive ships (issue 19): per device, from the measured curve, and a user's value wins."""
+"""The batch delay the archive ships: per device, from the measured curve, and a user's value wins."""
 
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def test_ratios_and_targets(fake_results):
     assert r["w1_b1"]["S-throughput/T-throughput"] == pytest.approx(3.0)  # best 12 over best 4
     t = {(x["target"], x["where"]): x for x in fake_results["targets"]}
     assert t[("S p50 / L1 p50 at concurrency 1", "bus.jpg, w1_b1")]["met"] is False
-    # issue 19: S/L1 and S/U on each benchmark image, not only bus.jpg
+    # S/L1 and S/U on each benchmark image, not only bus.jpg
     assert t[("S p50 / L1 p50 at concurrency 1", "zidane.jpg, w1_b1")]["value"] == pytest.approx(108 / 90, abs=1e-3)
     assert t[("S p50 / U p50 at concurrency 1", "zidane.jpg, w1_b1")]["value"] == pytest.approx(108 / 180, abs=1e-3)
     best = t[("S p50 / L1 p50 at concurrency 1", "bus.jpg, w2_b1 (best configuration)")]

@@ -1,4 +1,4 @@
-"""bench/breakdown.py (issue 19): the protocol message it times is the one TorchServe's worker reads,
+"""bench/breakdown.py: the protocol message it times is the one TorchServe's worker reads,
 the no-work handler answers every request of a batch, and a short real run splits lone requests into
 their parts, with TorchServe's batch wait where the configuration has one."""
 

@@ -1,4 +1,4 @@
-"""Classify models (issue 4): the transform, the scripted softmax + top-k, the export checks against
+"""Classify models: the transform, the scripted softmax + top-k, the export checks against
 ``results.probs`` for yolov8n-cls, yolo11n-cls and yolo26n-cls (YAML builds, seeded), and the handler
 with a fake context. The real-TorchServe test is in ``test_serving_classify.py``."""
 
@@ -144,7 +144,7 @@ def test_export_writes_a_classify_artifact(cls_export):
 
 
 def test_served_pipeline_matches_results_probs(cls_export, sample_images):
-    """Issue 4 parity, measured again here: top-5 order equal and |dp| <= 1e-3 on bus.jpg and zidane.jpg."""
+    """The predict parity of docs/tasks.md, measured again here: top-5 order equal and |dp| <= 1e-3 on bus.jpg and zidane.jpg."""
     pipeline = YoloPipeline.from_dir(cls_export.out_dir)
     for path in sample_images:
         assert check_classify_predict(cls_export.loaded, pipeline, path) <= CLASSIFY_PROB_TOL

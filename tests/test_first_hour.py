@@ -1,4 +1,4 @@
-"""A new user's first hour (issue 13): a client that explains instead of printing a traceback, labels
+"""A new user's first hour: a client that explains instead of printing a traceback, labels
 that stay readable, packaging that installs only our code, and a launcher that fails fast."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tools.client import main as client_main
 REPO = Path(__file__).resolve().parent.parent
 
 
-# ---------------------------------------------------------------- labels (issue 13 item 14)
+# ---------------------------------------------------------------- labels
 
 
 def test_labels_of_boxes_at_the_top_edge_go_inside_their_boxes():

@@ -1,4 +1,4 @@
-"""A GPU worker whose CUDA is unusable (issue 14): the load fails with the CUDA error by default, or
+"""A GPU worker whose CUDA is unusable: the load fails with the CUDA error by default, or
 serves on CPU with a loud log line and a metric when ``cpu_fallback: true``. CUDA is made to fail here
 on a CPU machine."""
 

@@ -1,6 +1,6 @@
 """The launcher (``tools/server.py``, ``yolo-ts-serve``): servers side by side, busy ports refused before
-TorchServe can rewrite ``key_file.json``, and a worker that cannot load reported instead of hanging
-(issue 13, items 1-3). Each test starts real TorchServes on loopback."""
+TorchServe can rewrite ``key_file.json``, and a worker that cannot load reported instead of hanging.
+Each test starts real TorchServes on loopback."""
 
 from __future__ import annotations
 

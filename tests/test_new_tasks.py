@@ -1,4 +1,4 @@
-"""Semantic segmentation, depth and RT-DETR (issue 15): the transforms, the scripted postprocessors and the
+"""Semantic segmentation, depth and RT-DETR: the transforms, the scripted postprocessors and the
 encodings against Ultralytics 8.4.190, and the P2 / P6 exports.
 
 Fast tests feed random tensors to our postprocessors and to the Ultralytics predictors' own ``postprocess``

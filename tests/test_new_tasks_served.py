@@ -1,4 +1,4 @@
-"""Semantic segmentation, depth and RT-DETR through the three commands (issue 15): ``python -m export
+"""Semantic segmentation, depth and RT-DETR through the three commands: ``python -m export
 --archive`` on a checkpoint, a real TorchServe, ``POST /predictions/yolo``, and the served JSON against
 Ultralytics' own ``predict`` on the same file. One server per family; Ultralytics is blocked in it.
 

@@ -1,4 +1,4 @@
-"""Versioned rollout and rollback (issue 14): the archive checks without a server, then a real
+"""Versioned rollout and rollback: the archive checks without a server, then a real
 TorchServe under load through a good rollout, a broken archive and a rollback, with zero failed requests."""
 
 from __future__ import annotations

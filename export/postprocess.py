@@ -61,6 +61,8 @@ import torch
 from torch import Tensor, nn
 
 from handler.contract import CONTRACT_VERSION  # noqa: F401 - the version this contract is (handler/contract.py)
+# The corners of a rotated box: one function for the postprocessor and for a tracked OBB frame's moved boxes.
+from handler.tasks.detect import rbox_corners
 
 # Keypoint decode formulas (``kpt_decode`` of YoloPostprocess, ``kpt_decode`` in metadata):
 KPT_DECODE_NONE = 0  # detect model
@@ -347,16 +349,6 @@ def select_nms_rotated(
     idx, best, cls = nms_candidates(scores, conf, class_mask, max_candidates)
     k = nms_rotated_classes(rboxes[idx], best, cls, iou, max_det, agnostic, class_offset)
     return idx[k], best[k], cls[k]
-
-
-def rbox_corners(rboxes: Tensor) -> Tensor:
-    """``rboxes: [N, 5]`` xywhr -> ``[N, 4, 2]`` corners, Ultralytics' ``xywhr2xyxyxyxy`` order."""
-    ctr = rboxes[:, :2]
-    w, h, angle = rboxes[:, 2:3], rboxes[:, 3:4], rboxes[:, 4:5]
-    cos, sin = angle.cos(), angle.sin()
-    vec1 = torch.cat((w / 2 * cos, w / 2 * sin), -1)  # [N, 2]
-    vec2 = torch.cat((-h / 2 * sin, h / 2 * cos), -1)
-    return torch.stack((ctr + vec1 + vec2, ctr + vec1 - vec2, ctr - vec1 - vec2, ctr - vec1 + vec2), -2)
 
 
 def unletterbox_rboxes(rboxes: Tensor, geometry: Tensor) -> Tensor:

@@ -17,13 +17,13 @@ Inputs
               (:func:`content_window`); it equals the letterbox's own placement except, for some sizes, one
               row or column at the edge, and we follow Ultralytics there.
   class_mask  ``bool[B, nc]`` or None: True where a class may be returned; any other class's pixels become
-              :data:`IGNORE` (255), as Ultralytics' ``classes=``. Ignored when ``nc == 1`` (as Ultralytics).
+              :data:`handler.contract.SEMANTIC_IGNORE` (255), as Ultralytics' ``classes=``. Ignored when ``nc == 1`` (as Ultralytics).
 
 Outputs
   class_map   ``[B, H0, W0]``, ``H0 x W0`` the largest original size in the batch; dtype ``uint8`` when
               ``max(nc, 2) <= 256``, ``int16`` up to 32768 classes, else ``int32`` (the predictor's
               ``_class_map_dtype``). ``class_map[b, :orig_h_b, :orig_w_b]`` is image b's map, original-image
-              pixels; everything outside it is :data:`IGNORE`. Per pixel: bilinear upsample of the logits to
+              pixels; everything outside it is ``SEMANTIC_IGNORE``. Per pixel: bilinear upsample of the logits to
               the input (``align_corners=False``), cut the letterbox padding, bilinear resize to the original
               size, then the first-maximum class (``nc == 1``: ``logit > 0``).
   sizes       ``int64[B, 2]``: ``(orig_h, orig_w)`` of each image.
@@ -47,8 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from export.postprocess import bilinear
+from handler.contract import SEMANTIC_IGNORE
 
-IGNORE = 255  # class id of "ignore" pixels (filtered-out classes, padding), Ultralytics' value
 LOGIT_STRIDE = 8  # the SemanticSegment head predicts on P3: input = logits x 8 (Ultralytics' export upsamples x8)
 
 
@@ -95,8 +95,8 @@ class SemanticPostprocess(nn.Module):
         self.chunk = chunk
         self.out_dtype = class_map_dtype(nc)
         self.logit_stride = LOGIT_STRIDE
-        self.ignore = IGNORE
-        self.nvalues = max(nc, 2)  # values a map can hold besides IGNORE (nc == 1: 0 background, 1 the class)
+        self.ignore = SEMANTIC_IGNORE
+        self.nvalues = max(nc, 2)  # values a map can hold besides SEMANTIC_IGNORE (nc == 1: 0 background, 1 the class)
 
     def image_map(self, logits: Tensor, input_hw: List[int], orig_hw: List[int]) -> Tensor:
         """One image: ``logits: [nc, h, w]`` -> ``int64[h0, w0]`` class ids (first maximum; ``nc == 1``: ``> 0``)."""

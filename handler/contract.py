@@ -23,6 +23,11 @@ MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model settings, with
 DEFAULT_MODEL_VERSION = "1.0"  # NAME.mar; any other version is archived as NAME-VERSION.mar
 
 
+# The value of an "ignore" pixel in a semantic class map (a class the request filtered out), Ultralytics' 255:
+# export/semantic.py's postprocessor writes it, handler/tasks/semantic.py names it in the response.
+SEMANTIC_IGNORE = 255
+
+
 def archive_file_name(name: str, version: str) -> str:
     """The .mar file of a model version in a model store: ``yolo.mar`` for 1.0, ``yolo-2.0.mar`` otherwise."""
     return f"{name}.mar" if version == DEFAULT_MODEL_VERSION else f"{name}-{version}.mar"

@@ -23,7 +23,8 @@ import torch
 
 from export.depth import DepthPostprocess, median
 from export.rtdetr import RTDETRPostprocess
-from export.semantic import IGNORE, SemanticPostprocess, class_map_dtype
+from export.semantic import SemanticPostprocess, class_map_dtype
+from handler.contract import SEMANTIC_IGNORE as IGNORE
 from handler.encoding.dense import (
     DenseTooLarge,
     b64,

@@ -200,8 +200,9 @@ class DetectTask(Task):
 
 
 def rbox_corners(rboxes: Tensor) -> Tensor:
-    """``rboxes: float32[N, 5]`` xywhr -> ``[N, 4, 2]`` corners in Ultralytics' ``xywhr2xyxyxyxy`` order (the
-    postprocessor's own, ``export/postprocess.py`` ``rbox_corners``)."""
+    """``rboxes: float32[N, 5]`` xywhr -> ``[N, 4, 2]`` corners in Ultralytics' ``xywhr2xyxyxyxy`` order. TorchScript:
+    the scripted postprocessor (``export/postprocess.py``) calls it for its OBB rows, the tracked frame for the
+    tracker's boxes, so both give the same corners."""
     ctr = rboxes[:, :2]
     w, h, angle = rboxes[:, 2:3], rboxes[:, 3:4], rboxes[:, 4:5]
     cos, sin = angle.cos(), angle.sin()

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from handler import request_values as p
+from handler.contract import SEMANTIC_IGNORE
 from handler.encoding.dense import b64, encode_class_map_png
 from handler.encoding.masks import encode_rle
 from handler.errors import InvalidParameter
@@ -34,7 +35,6 @@ from handler.image.letterbox import LETTERBOX_MODES, letterbox
 from handler.response import ModelInfo
 from handler.tasks.base import ImageTransform, Prepared, Task
 
-IGNORE = 255
 ENCODINGS = ("rle", "png")
 
 
@@ -117,7 +117,7 @@ class SemanticTask(Task):
             if encoding == "rle":
                 entry["mask"] = encode_rle((class_map == value).astype(np.uint8))
             classes.append(entry)
-        body: dict = {"size": [int(h), int(w)], "ignore": IGNORE, "classes": classes}
+        body: dict = {"size": [int(h), int(w)], "ignore": SEMANTIC_IGNORE, "classes": classes}
         if encoding == "png":
             body["bits"] = 8 if class_map.dtype == np.uint8 else 16
             body["png"] = b64(encode_class_map_png(class_map))

@@ -23,6 +23,9 @@ from typing import Any, Sequence
 PIXEL_DECIMALS = 2
 SCORE_DECIMALS = 4
 MS_DECIMALS = 2
+# The largest response TorchServe sends: ``max_response_size`` in config.properties and deploy/kserve/config.properties
+# (tests/test_facts.py checks that both say this). A task whose answer could outgrow it names a smaller encoding (413).
+MAX_RESPONSE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)

@@ -29,3 +29,12 @@ def test_package_description_names_every_served_task():
     description = PYPROJECT["project"]["description"].lower().replace("-", "")
     missing = [name for name in TASKS if name not in description]
     assert not missing, f"pyproject.toml's description does not name the served task(s) {missing}"
+
+
+@pytest.mark.parametrize("config", ["config.properties", "deploy/kserve/config.properties"])
+def test_response_limit_is_the_handlers(config):
+    """TorchServe's ``max_response_size`` is the limit the handler sizes its largest answers to (depth float32)."""
+    from handler.response import MAX_RESPONSE_BYTES
+    from tools.kserve_store import properties
+
+    assert int(properties((REPO_ROOT / config).read_text())["max_response_size"]) == MAX_RESPONSE_BYTES

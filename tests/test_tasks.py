@@ -25,10 +25,11 @@ from handler.errors import InvalidParameter
 from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 from handler.request import parse_request
+from handler.response import MAX_RESPONSE_BYTES
 from handler.tasks import task_for
 from handler.tasks.detect import Thresholds
 from tools.client import decode_rle, draw
-from tools.server import REPO_ROOT, running_server
+from tools.server import running_server
 
 mask_api = pytest.importorskip("pycocotools.mask", reason="pycocotools (the test extra) proves RLE compatibility")
 # pycocotools 2.0 decodes through a numpy-1 __array__ signature; numpy 2 warns on every call
@@ -186,11 +187,6 @@ def invocations(server, data: bytes, **params) -> requests.Response:
     return requests.post(url, params={"model_name": server.model, **params}, data=data, headers=headers, timeout=300)
 
 
-def _max_response_size() -> int:
-    text = (REPO_ROOT / "config.properties").read_text()
-    return int(next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("max_response_size=")))
-
-
 @pytest.mark.integration
 def test_served_segment_model(seg_export, sample_images, tmp_path_factory):
     store = tmp_path_factory.mktemp("seg_store")
@@ -211,7 +207,7 @@ def test_served_segment_model(seg_export, sample_images, tmp_path_factory):
     assert len(r_big.json()["detections"]) == 50
     size = len(r_big.content)
     print(f"\n50 segment instances at 1920x1080 with polygons: {size} bytes ({size / 2**20:.2f} MiB)")
-    assert size < _max_response_size()
+    assert size < MAX_RESPONSE_BYTES
     # served vs YOLO.predict at the same threshold: boxes, scores, classes and mask IoU >= 0.95 per match
     ref, ref_masks = verify.ultralytics_predict_with_masks(seg_export.loaded, path, [640, 640], conf=conf)
     ours = np.asarray([[*d["box"], d["score"], d["class_id"]] for d in body["detections"]], np.float64).reshape(-1, 6)

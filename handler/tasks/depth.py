@@ -28,13 +28,13 @@ from torch import Tensor
 from handler.encoding.dense import DenseTooLarge, b64, encode_depth_png16, encode_float32
 from handler.errors import ResponseTooLarge
 from handler.image.stretch import stretch
-from handler.response import ModelInfo
+from handler.response import MAX_RESPONSE_BYTES, ModelInfo
 from handler.tasks.base import ImageTransform, Prepared, Task
 from handler.tasks.semantic import Encoding, choice
 
 ENCODINGS = ("png16", "float32")
-# TorchServe's max_response_size in the shipped config.properties is 16 MiB; the rest of the body needs little.
-MAX_FLOAT32_B64_CHARS = 16 * 2**20 - 64 * 2**10
+# The response limit less what the rest of the body needs (a few hundred bytes; 64 KiB kept free).
+MAX_FLOAT32_B64_CHARS = MAX_RESPONSE_BYTES - 64 * 2**10
 
 
 @dataclass

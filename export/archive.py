@@ -53,7 +53,8 @@ def _yaml_value(value) -> str:
     return str(value)
 
 
-# TorchServe's own per-model keys that the archive writes, with their defaults; a user's value wins.
+# TorchServe's own per-model keys that the archive writes, with their defaults; a user's value wins. The one home
+# of the shipped batching: deploy/kserve/config.properties repeats it in its model_snapshot (tests/test_facts.py).
 TORCHSERVE_DEFAULTS: dict[str, object] = {
     "minWorkers": 1,
     "maxWorkers": 1,
@@ -118,7 +119,7 @@ def tracking_section(tracking: TrackingConfig, torchserve: dict) -> list[str]:
 
 def model_config_yaml(
     handler_settings: dict | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     max_batch_delay_ms: int | None = None,
     torchserve: dict | None = None,
     metadata: dict | None = None,
@@ -136,7 +137,8 @@ def model_config_yaml(
     if metadata is not None:
         settings.check_model(metadata)
     delay = BATCH_DELAY_MS[device] if max_batch_delay_ms is None else max_batch_delay_ms
-    values = {**TORCHSERVE_DEFAULTS, "batchSize": batch_size, "maxBatchDelay": delay, **(torchserve or {})}
+    batch = TORCHSERVE_DEFAULTS["batchSize"] if batch_size is None else batch_size
+    values = {**TORCHSERVE_DEFAULTS, "batchSize": batch, "maxBatchDelay": delay, **(torchserve or {})}
     lines = ["# TorchServe model settings (https://github.com/pytorch/serve/blob/master/docs/configuration.md)"]
     for key, value in values.items():
         comment = f"  # {_TORCHSERVE_COMMENTS[key]}" if key in _TORCHSERVE_COMMENTS else ""
@@ -204,7 +206,7 @@ def build_archive(
     name: str,
     model_store: Path,
     handler_settings: dict | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     keep_user_config: bool = False,
     tracking_settings: dict | None = None,
     device: str = "cpu",

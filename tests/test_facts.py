@@ -38,3 +38,32 @@ def test_response_limit_is_the_handlers(config):
     from tools.kserve_store import properties
 
     assert int(properties((REPO_ROOT / config).read_text())["max_response_size"]) == MAX_RESPONSE_BYTES
+
+
+def test_kserve_snapshot_carries_the_archives_batching():
+    """deploy/kserve/config.properties' model_snapshot overrides the archive's worker and batching keys, so it must
+    say what ``python -m export --archive`` writes for a CPU model (``tools.kserve_store`` rewrites it per archive)."""
+    import json
+
+    import yaml
+
+    from export.archive import model_config_yaml
+    from tools.kserve_store import SNAPSHOT_KEY, properties
+
+    snapshot = json.loads(properties((REPO_ROOT / "deploy/kserve/config.properties").read_text())[SNAPSHOT_KEY])
+    (versions,) = snapshot["models"].values()
+    (entry,) = versions.values()
+    archive = yaml.safe_load(model_config_yaml(device="cpu"))
+    keys = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+    assert {k: entry[k] for k in keys} == {k: archive[k] for k in keys}
+
+
+def test_archives_write_every_key_the_kserve_snapshot_takes():
+    """tools/kserve_store.py falls back to TorchServe's own register defaults (batch 1, 100 ms) only for a foreign
+    archive that leaves a key out; ours write them all, so the fallback never replaces the shipped batching."""
+    import yaml
+
+    from export.archive import model_config_yaml
+    from tools.kserve_store import _DEFAULTS
+
+    assert set(_DEFAULTS) <= set(yaml.safe_load(model_config_yaml()))

@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from handler.image.letterbox import LETTERBOX_MODES
+from handler.tasks.detect import LIMITS, Thresholds
 from handler.tracking.params import BotSortParams, ByteTrackParams, TrackerParams, tracker_name, tracker_params
 
 _SECTION = "handler"
@@ -59,6 +60,19 @@ def _integer(key: str, value: Any, lo: int, hi: int, example: str, section: str 
     return value
 
 
+def _settings(section: Any, cls: type, name: str) -> dict:
+    """The ``name:`` mapping of model-config.yaml (None: no settings) whose keys are the fields of ``cls``; an
+    unknown key is an error, since a typo would otherwise be ignored without a word."""
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise ValueError(f"model-config.yaml `{name}:` must be a mapping of settings, got {type(section).__name__}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in model-config.yaml `{name}:`; the settings are {known}")
+    return section
+
+
 def _imgsz(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -75,9 +89,9 @@ def _imgsz(value: Any) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class HandlerConfig:
-    conf: float = 0.25
-    iou: float = 0.7
-    max_det: int = 300
+    conf: float = Thresholds.conf  # the defaults of a request; its limits are handler/tasks/detect.py LIMITS
+    iou: float = Thresholds.iou
+    max_det: int = Thresholds.max_det
     letterbox: str | None = None  # None: the exported default (metadata["letterbox"])
     imgsz: tuple[int, int] | None = None  # (h, w); None: the exported size (metadata["imgsz"])
     half: bool = False
@@ -90,15 +104,7 @@ class HandlerConfig:
     @classmethod
     def from_dict(cls, section: dict | None) -> "HandlerConfig":
         """Validate the ``handler:`` mapping; unknown keys are an error (a typo would be silently ignored)."""
-        section = {} if section is None else section
-        if not isinstance(section, dict):
-            raise ValueError(f"model-config.yaml `{_SECTION}:` must be a mapping of settings, got {type(section).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(section) - set(known))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in model-config.yaml `{_SECTION}:`; the settings are {known}")
-        d = cls()
-        get = section.get
+        get, d = _settings(section, cls, _SECTION).get, cls()
         letterbox = get("letterbox", d.letterbox)
         if letterbox is not None and letterbox not in LETTERBOX_MODES:
             raise ValueError(f"{_where('letterbox')} must be one of {list(LETTERBOX_MODES)}, got {letterbox!r}; write e.g. `letterbox: rect`")
@@ -110,9 +116,9 @@ class HandlerConfig:
             if not isinstance(value, bool):
                 raise ValueError(f"{_where(key)} must be true or false, got {value!r}; write e.g. `{key}: false`")
         return cls(
-            conf=_number("conf", get("conf", d.conf), 0.0, 1.0, "0.25"),
-            iou=_number("iou", get("iou", d.iou), 0.0, 1.0, "0.7"),
-            max_det=_integer("max_det", get("max_det", d.max_det), 1, 10000, "300"),
+            conf=_number("conf", get("conf", d.conf), *LIMITS["conf"], str(d.conf)),
+            iou=_number("iou", get("iou", d.iou), *LIMITS["iou"], str(d.iou)),
+            max_det=_integer("max_det", get("max_det", d.max_det), *LIMITS["max_det"], str(d.max_det)),
             letterbox=letterbox,
             imgsz=_imgsz(get("imgsz", d.imgsz)),
             half=half,
@@ -153,15 +159,7 @@ class TrackingConfig:
     @classmethod
     def from_dict(cls, section: dict | None) -> "TrackingConfig":
         """Validate the ``tracking:`` mapping; unknown keys are an error."""
-        section = {} if section is None else section
-        if not isinstance(section, dict):
-            raise ValueError(f"model-config.yaml `{_TRACKING}:` must be a mapping of settings, got {type(section).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(section) - set(known))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in model-config.yaml `{_TRACKING}:`; the settings are {known}")
-        d = cls()
-        get = section.get
+        get, d = _settings(section, cls, _TRACKING).get, cls()
         enabled = get("enabled", d.enabled)
         if not isinstance(enabled, bool):
             raise ValueError(f"{_where('enabled', _TRACKING)} must be true or false, got {enabled!r}; write e.g. `enabled: true`")

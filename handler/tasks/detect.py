@@ -42,11 +42,14 @@ from handler.tracking import Detections as TrackerDetections
 from handler.tracking import FrameTracks
 
 PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes", "polygons", "full_precision")
+# The values a request (Thresholds.validate) and the archive's defaults (handler/config.py) may set, inclusive.
+LIMITS: dict[str, tuple[float, float]] = {"conf": (0.0, 1.0), "iou": (0.0, 1.0), "max_det": (1, 10000)}
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Per-request filtering; the defaults are Ultralytics' predict defaults."""
+    """Per-request filtering; the defaults are Ultralytics' predict defaults (and the defaults of
+    ``model-config.yaml``'s ``handler:`` section, which may change them per model)."""
 
     conf: float = 0.25
     iou: float = 0.7
@@ -55,12 +58,10 @@ class Thresholds:
 
     def validate(self, nc: int) -> "Thresholds":
         """Raise ``ValueError`` naming the bad value; return self when all are in range."""
-        if not 0.0 <= self.conf <= 1.0:
-            raise ValueError(f"conf must be between 0 and 1, got {self.conf}")
-        if not 0.0 <= self.iou <= 1.0:
-            raise ValueError(f"iou must be between 0 and 1, got {self.iou}")
-        if not 1 <= self.max_det <= 10000:
-            raise ValueError(f"max_det must be between 1 and 10000, got {self.max_det}")
+        for key, (lo, hi) in LIMITS.items():
+            value = getattr(self, key)
+            if not lo <= value <= hi:
+                raise ValueError(f"{key} must be between {lo:g} and {hi:g}, got {value}")
         if self.classes is not None:
             bad = [c for c in self.classes if not 0 <= c < nc]
             if bad:

@@ -58,6 +58,7 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a file or as -m from the repo root alike
 
+from export.matching import greedy_match  # noqa: E402
 from handler.config import HandlerConfig  # noqa: E402
 from handler.contract import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, check_metadata  # noqa: E402
 from handler.image.decode import decode_image  # noqa: E402
@@ -158,35 +159,17 @@ def _median(values: list[float]) -> float:
 # ---------------------------------------------------------------- comparing outputs
 
 
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """``a: [n, 4]``, ``b: [m, 4]`` xyxy -> ``[n, m]``."""
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:4], b[None, :, 2:4])
-    inter = (rb - lt).clamp(min=0).prod(2)
-    area = lambda x: (x[:, 2] - x[:, 0]).clamp(min=0) * (x[:, 3] - x[:, 1]).clamp(min=0)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
-
-
 def match_rows(ref: Tensor, other: Tensor) -> dict:
     """Detections ``rows: float32[n, ncols]`` (x1, y1, x2, y2, score, class_id, then the task's columns; see
-    ``export/postprocess.py``) matched greedily, highest reference score first, each to the unmatched row of
-    the same class with the highest IoU. Returns counts, the smallest matched IoU, the largest |dscore|, the
-    largest |d| over all columns, and over the columns after the sixth (keypoints: x, y, visibility)."""
-    ref, other = ref.double(), other.double()
-    used: set[int] = set()
+    ``export/postprocess.py``) matched as ``export.matching.greedy_match`` matches them (any IoU above 0).
+    Returns counts, the smallest matched IoU, the largest |dscore|, the largest |d| over all columns, and over
+    the columns after the sixth (keypoints: x, y, visibility)."""
+    ref, other = ref.double().numpy(), other.double().numpy()
     ious, dscores, dall, dextra = [], [], [], []
-    iou = box_iou(ref[:, :4], other[:, :4]) if len(ref) and len(other) else torch.zeros(len(ref), len(other))
-    for i in torch.argsort(ref[:, 4], descending=True).tolist():
-        best, best_iou = -1, 0.0
-        for j in range(len(other)):
-            if j not in used and other[j, 5] == ref[i, 5] and iou[i, j] > best_iou:
-                best, best_iou = j, float(iou[i, j])
-        if best < 0:
-            continue
-        used.add(best)
-        ious.append(best_iou)
-        dscores.append(abs(float(ref[i, 4] - other[best, 4])))
-        diff = (ref[i] - other[best]).abs()
+    for i, j, iou in greedy_match(ref, other, 0.0):
+        ious.append(iou)
+        dscores.append(abs(float(ref[i, 4] - other[j, 4])))
+        diff = np.abs(ref[i] - other[j])
         dall.append(float(diff.max()))
         if ref.shape[1] > 6:
             dextra.append(float(diff[6:].max()))

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from export.checkpoint import ExportError, LoadedModel
+from export.matching import greedy_match
 from handler.contract import AOTI_BACKBONE_FILE, AOTI_FORMAT, AOTI_METADATA_KEY, BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE
 from handler.image.decode import ImageDecodeError, decode_image
 from handler.pipeline import YoloPipeline
@@ -158,26 +159,9 @@ class Drift:
 
 
 def match(reference: Tensor, candidate: Tensor, iou: float = MATCH_IOU) -> list[tuple[int, int]]:
-    """Greedy one-to-one matching of two detection lists (rows ``[N, >=6]``: xyxy pixels, score, class), by the
-    reference's score order: each reference detection takes the best-IoU unmatched candidate of its class
-    with IoU >= ``iou``. Returns (reference index, candidate index) pairs."""
-    from torchvision.ops import box_iou
-
-    if len(reference) == 0 or len(candidate) == 0:
-        return []
-    ious = box_iou(reference[:, :4].double(), candidate[:, :4].double())  # [Nr, Nc]
-    ious[reference[:, 5:6] != candidate[:, 5].unsqueeze(0)] = -1.0
-    taken: set[int] = set()
-    pairs = []
-    for r in torch.argsort(reference[:, 4], descending=True).tolist():
-        row = ious[r].clone()
-        if taken:
-            row[list(taken)] = -1.0
-        c = int(torch.argmax(row))
-        if row[c] >= iou:
-            taken.add(c)
-            pairs.append((r, c))
-    return pairs
+    """(reference index, candidate index) pairs of two detection lists (rows ``[N, >=6]`` on CPU), matched as
+    :func:`export.matching.greedy_match` matches them at IoU >= ``iou``."""
+    return [(r, c) for r, c, _ in greedy_match(reference.numpy(), candidate.numpy(), iou)]
 
 
 def drift(fp32: YoloPipeline, int8: YoloPipeline, images: list[np.ndarray]) -> Drift:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from export.backbone import RawHead, raw_network
 from export.checkpoint import LoadedModel, build_yolo
+from export.matching import greedy_match
 from handler.image.decode import decode_image
 from handler.image.letterbox import LetterboxParams
 from handler.pipeline import YoloPipeline
@@ -34,6 +35,7 @@ from handler.tasks.classify import TopK
 from handler.tasks.detect import Thresholds, threshold_tensors
 
 TRACE_TOL = 1e-4
+MATCH_IOU = 0.5  # below it, two detections are not the same one (then each counts as missing)
 
 
 class VerificationError(AssertionError):
@@ -49,16 +51,6 @@ class Tolerance:
     keypoint_px: float = 0.5  # also the OBB corners
     mask_iou: float = 0.95  # per matched detection, masks at original size
     edge: float = 0.005  # a detection scored within `edge` of conf may be missing on one side
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a: [N, 4]``, ``b: [M, 4]`` xyxy -> ``[N, M]``."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -82,17 +74,11 @@ def compare_detections(
     and, when given, their masks ``uint8[n, H, W]``. Returns the problems found, worst first (empty when
     they agree)."""
     problems: list[tuple[float, str]] = []  # (severity, message)
+    pairs = greedy_match(ref, ours, MATCH_IOU)
     used = np.zeros(len(ours), bool)
-    ious = box_iou(ref[:, :4], ours[:, :4]) if len(ours) and len(ref) else np.zeros((len(ref), len(ours)))
-    for r in np.argsort(-ref[:, 4], kind="stable"):
-        cand = np.where(~used & (ours[:, 5] == ref[r, 5]))[0]
-        if len(cand) == 0 or ious[r, cand].max() < 0.5:
-            if ref[r, 4] - conf > tol.edge:
-                problems.append((1.0, f"Ultralytics detection {ref[r, :6].round(3).tolist()} has no match"))
-            continue
-        o = cand[ious[r, cand].argmax()]
-        used[o] = True
-        iou = float(ious[r, o])
+    matched = np.zeros(len(ref), bool)
+    for r, o, iou in pairs:
+        used[o] = matched[r] = True
         if iou < tol.min_iou:
             problems.append((1 - iou, f"box IoU {iou:.4f} < {tol.min_iou} for class {int(ref[r, 5])}"))
         ds = abs(float(ours[o, 4] - ref[r, 4]))
@@ -110,6 +96,9 @@ def compare_detections(
             m = mask_iou(ours_masks[o], ref_masks[r])
             if m < tol.mask_iou:
                 problems.append((1 - m, f"mask IoU {m:.4f} < {tol.mask_iou} for class {int(ref[r, 5])}"))
+    for r in np.where(~matched)[0]:
+        if ref[r, 4] - conf > tol.edge:
+            problems.append((1.0, f"Ultralytics detection {ref[r, :6].round(3).tolist()} has no match"))
     for o in np.where(~used)[0]:
         if ours[o, 4] - conf > tol.edge:
             problems.append((1.0, f"our detection {ours[o, :6].round(3).tolist()} is not in Ultralytics' output"))

@@ -32,6 +32,7 @@ import torch
 
 from bench.inprocess import generated_frame
 from bench.served import Client, run_load
+from bench.stats import median
 from export.archive import BATCH_DELAY_MS, archiver_command, model_config_yaml, stage_handler_code
 from handler.service import YoloService
 from tools.server import running_server
@@ -84,8 +85,8 @@ def measure(server, service: YoloService, images: dict[str, bytes], rounds: int,
             l1.append((time.perf_counter() - t0) * 1000)
             stages.append(client.check(data)["speed_ms"])
         out["c1"][name] = {
-            "S_p50": float(np.median(s)), "L1_p50": float(np.median(l1)), "S/L1": float(np.median(s) / np.median(l1)),
-            "handler_ms": {k: float(np.median([st[k] for st in stages])) for k in ("preprocess", "inference", "postprocess")},
+            "S_p50": median(s), "L1_p50": median(l1), "S/L1": median(s) / median(l1),
+            "handler_ms": {k: median([st[k] for st in stages]) for k in ("preprocess", "inference", "postprocess")},
         }
     q1, n1 = queue_ms(server)
     out["queue_ms_per_request_c1"] = (q1 - q0) / max(1, n1 - n0)
@@ -94,7 +95,7 @@ def measure(server, service: YoloService, images: dict[str, bytes], rounds: int,
         if c == 1:
             continue
         lat, wall = run_load(client, payloads, requests_n, c)
-        out["load"][str(c)] = {"images_per_s": requests_n / wall, "p50": float(np.median(lat))}
+        out["load"][str(c)] = {"images_per_s": requests_n / wall, "p50": median(lat)}
     return out
 
 

@@ -40,13 +40,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import requests
 import torch
 
 from bench.batch_delay import Layout, build
 from bench.inprocess import generated_frame
 from bench.served import Client
+from bench.stats import median
 from export.archive import BATCH_DELAY_MS, model_config_yaml
 from handler.service import YoloService
 from tools.server import running_server
@@ -167,7 +167,7 @@ def protocol_read_ms(bodies: dict[str, bytes], rounds: int) -> dict:
             a.close(), b.close()
             if bytes(msg[0]["parameters"][0]["value"]) != body:
                 raise RuntimeError("retrieve_msg read a different body")
-    return {name: float(np.median(v)) for name, v in times.items()}
+    return {name: median(v) for name, v in times.items()}
 
 
 def build_null(store: Path, delay_ms: int, batch_size: int) -> None:
@@ -205,12 +205,12 @@ def measure(probes: dict[str, Probe], images: dict[str, bytes], rounds: int, ser
     for variant, by_image in samples.items():
         out[variant] = {}
         for name, rows in by_image.items():
-            fig = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+            fig = {k: median([r[k] for r in rows]) for k in rows[0]}
             if service is not None:
-                fig["L1"] = float(np.median(l1[name]))
+                fig["L1"] = median(l1[name])
                 fig["S/L1"] = fig["rtt"] / fig["L1"]
             out[variant][name] = fig
-    out["_requests_client"] = {n: float(np.median(v)) for n, v in client.items()}  # round trip via requests, first variant
+    out["_requests_client"] = {n: median(v) for n, v in client.items()}  # round trip via requests, first variant
     return out
 
 

@@ -22,10 +22,10 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.served import Client, run_load
+from bench.stats import median
 from export.archive import archiver_command, model_config_yaml, stage_handler_code
 from tools.server import running_server
 
@@ -70,7 +70,7 @@ def one_core(export_dir: Path, weights: str, images: dict[str, bytes], paths: di
                         warnings.simplefilter("ignore")
                         yolo.predict(str(paths[name]), verbose=False)
                     u.append((time.perf_counter() - t0) * 1000)
-                out[name] = {"S_p50": float(np.median(s)), "U_p50": float(np.median(u)), "S/U": float(np.median(s) / np.median(u))}
+                out[name] = {"S_p50": median(s), "U_p50": median(u), "S/U": median(s) / median(u)}
         finally:
             os.sched_setaffinity(0, mask)
     return out
@@ -86,7 +86,7 @@ def scale(export_dir: Path, images: dict[str, bytes], requests_n: int, work: Pat
             for data in images.values():
                 client.post(data)
             lat, wall = run_load(client, list(images.values()), requests_n, 16)
-            out[str(workers)] = {"images_per_s": requests_n / wall, "p50": float(np.median(lat)), "threads_log": [
+            out[str(workers)] = {"images_per_s": requests_n / wall, "p50": median(lat), "threads_log": [
                 ln.split("MODEL_LOG - ")[-1] for ln in server.model_log().splitlines() if "torch threads" in ln]}
     return out
 

@@ -13,7 +13,6 @@ minute or more); without it, the checkpoint is exported with ``--format aoti`` i
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from importlib.resources import files
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from bench.stats import median
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +87,7 @@ def run(export_dir: Path, runs: int, threads: int) -> int:
     print(f"torch {torch.__version__}, {threads} threads, {runs} interleaved rounds, median ms")
     print(f"{'':<26} {'torchscript':>11} {'aoti':>8} {'ratio':>7}")
     for label in cases:
-        a, b = statistics.median(times[(label, "torchscript")]), statistics.median(times[(label, "aoti")])
+        a, b = median(times[(label, "torchscript")]), median(times[(label, "aoti")])
         print(f"{label:<26} {a:11.1f} {b:8.1f} {a / b:6.2f}x")
     return 0
 

@@ -58,6 +58,7 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a file or as -m from the repo root alike
 
+from bench.stats import median  # noqa: E402
 from export.matching import greedy_match  # noqa: E402
 from handler.config import HandlerConfig  # noqa: E402
 from handler.contract import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, check_metadata  # noqa: E402
@@ -153,7 +154,7 @@ def timed(fn: Callable[[], Any], device: torch.device, warm: int, min_iters: int
 
 
 def _median(values: list[float]) -> float:
-    return round(float(np.median(values)), 3)
+    return round(median(values), 3)
 
 
 # ---------------------------------------------------------------- comparing outputs

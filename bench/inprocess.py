@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from bench.stats import median
 from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 from handler.response import encode_response
@@ -207,7 +208,7 @@ def levers(proc: InProcess, name: str, rounds: int, thread_counts: list[int]) ->
 
 
 def _median(values: list[float]) -> float:
-    return round(float(np.median(values)), 3)
+    return round(median(values), 3)
 
 
 def gpu_extras(export_dir: Path, proc: InProcess, rounds: int, batches: list[int]) -> dict:

@@ -40,6 +40,7 @@ import numpy as np
 import psutil
 import requests
 
+from bench.stats import percentile
 from tools.bad_inputs import Probe, bad_probes, encode
 from tools.server import TorchServe, start_server
 
@@ -185,7 +186,7 @@ def worker_rss_mb(server: TorchServe) -> float:
 
 
 def percentile_ms(records: list[Record], q: float) -> float:
-    return float(np.percentile([r.latency_ms for r in records], q)) if records else float("nan")
+    return percentile([r.latency_ms for r in records], q) if records else float("nan")
 
 
 @dataclass

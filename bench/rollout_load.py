@@ -30,9 +30,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import requests
 
+from bench.stats import percentile
 from tools.rollout import Drain, Management, NotDrained, RolloutError, retire, rollback, rollout
 from tools.server import TorchServe, rollout_overrides, start_server
 
@@ -140,7 +140,7 @@ class Report:
 
 
 def _pct(answers: list[Answer], q: float) -> float:
-    return round(float(np.percentile([(a.end - a.start) * 1000 for a in answers], q)), 1) if answers else float("nan")
+    return round(percentile([(a.end - a.start) * 1000 for a in answers], q), 1) if answers else float("nan")
 
 
 def summarize(answers: list[Answer], steps: list[Step], t0: float, concurrency: int, slice_s: float = 5.0,

@@ -18,6 +18,11 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def median(values: list[float]) -> float:
+    """The 50th :func:`percentile`."""
+    return percentile(values, 50)
+
+
 @dataclass(frozen=True)
 class LatencySummary:
     """Milliseconds per request of one measured configuration; ``throughput`` in images per second."""

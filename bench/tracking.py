@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ import numpy as np
 import requests
 import torch
 
-from bench.stats import summarize
+from bench.stats import median, summarize
 
 WIDTH, HEIGHT = 1280, 720
 TRACKERS = ("bytetrack", "botsort")
@@ -104,7 +103,7 @@ def track_ids(answers: list[dict]) -> list[list]:
 
 
 def served_tracker_ms(answers: list[dict]) -> float:
-    return statistics.median(a["speed_ms"]["tracking"] for a in answers)
+    return median([a["speed_ms"]["tracking"] for a in answers])
 
 
 def in_process_tracker_ms(export_dir: Path, frames: list[np.ndarray], repeats: int) -> dict[str, float]:
@@ -126,7 +125,7 @@ def in_process_tracker_ms(export_dir: Path, frames: list[np.ndarray], repeats: i
                 t0 = time.perf_counter()
                 tracker.update(d, f)
                 times.append((time.perf_counter() - t0) * 1000)
-        out[name] = statistics.median(times)
+        out[name] = median(times)
     out["detections_per_frame"] = float(np.mean([len(d.scores) for d in detections]))
     return out
 

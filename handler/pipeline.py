@@ -9,7 +9,8 @@ each image's own geometry and options. A result therefore never depends on which
 its batch. What the outputs are is the task's (``handler/tasks/``).
 
 ``preprocess="device"`` moves the transform to the model's device: :meth:`YoloPipeline.prepare` only computes
-the geometry (``handler/image/letterbox.py``), and the decoded uint8 image is uploaded (pinned memory,
+the geometry the task declares (:meth:`handler.tasks.base.Task.placement`: the letterbox's or the stretch's),
+and the decoded uint8 image is uploaded (pinned memory,
 ``non_blocking``) and letterboxed, converted and normalised there (``handler/image/letterbox_torch.py``), with the
 same pixels and the same network input as on the CPU. On CUDA, each group's input is made on a side stream
 while the previous group's forward runs (``handler/runtime/overlap.py``), in either mode.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -29,13 +30,10 @@ from torch import Tensor
 
 from handler.config import PREPROCESS_MODES
 from handler.image import letterbox_torch
-from handler.image.letterbox import LETTERBOX_MODES, LetterboxParams, letterbox_params
-from handler.image.stretch import stretch_params
 from handler.runtime.artifacts import load_artifacts
 from handler.runtime.overlap import SideStream, Staged, run_groups
 from handler.tasks import Prepared, Task, task_for
-
-Placement = Callable[[tuple[int, int]], LetterboxParams]  # (orig_h, orig_w) -> where the image goes
+from handler.tasks.base import Placement
 
 
 @dataclass
@@ -51,31 +49,6 @@ def bgr_to_rgb_into(pixels: list[np.ndarray], out: np.ndarray) -> None:
     """``n x uint8[H, W, 3]`` BGR -> ``out: uint8[n, H, W, 3]`` RGB (C-contiguous), written in place by OpenCV."""
     for j, p in enumerate(pixels):
         cv2.cvtColor(p, cv2.COLOR_BGR2RGB, dst=out[j])
-
-
-def device_placement(transform: Callable[[np.ndarray], tuple[np.ndarray, Any]], imgsz: Any, stride: int,
-                     letterbox_mode: str | None) -> Placement | None:
-    """The geometry function of a task's CPU ``transform`` when :func:`letterbox_torch.place` reproduces it,
-    else None: the letterbox (``letterbox_params`` with these settings) or the stretch (``stretch_params``).
-
-    Decided by running ``transform`` on probe images whose letterbox, square letterbox and stretch all differ,
-    and keeping the candidate whose geometry and pixels both match, so no task is named here and a transform
-    that is neither (classify's resize and crop) is never replaced."""
-    candidates: list[Placement] = []
-    if letterbox_mode in LETTERBOX_MODES:
-        candidates.append(lambda hw: letterbox_params(hw, imgsz, stride, letterbox_mode))  # type: ignore[arg-type]
-    candidates.append(lambda hw: stretch_params(hw, imgsz))
-    rng = np.random.default_rng(0)
-    probes = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((37, 101), (101, 37))]
-    expected = [transform(p) for p in probes]
-    for placement in candidates:
-        if all(
-            params == placement(p.shape[:2])
-            and np.array_equal(pixels, letterbox_torch.place(torch.from_numpy(p), params).numpy())
-            for p, (pixels, params) in zip(probes, expected)
-        ):
-            return placement
-    return None
 
 
 class YoloPipeline:
@@ -111,9 +84,9 @@ class YoloPipeline:
         self.preprocess = preprocess
         self.placement: Placement | None = None
         if preprocess == "device":
-            self.placement = device_placement(self.transform, self.imgsz, self.stride, self.letterbox_mode)
+            self.placement = self.task.placement(self.imgsz, self.stride, self.letterbox_mode)
             if self.placement is None:
-                raise ValueError(f"handler.image.classify_crop: device needs a letterbox or stretch transform; this {self.task.name} "
+                raise ValueError(f"preprocess: device makes the letterbox or the stretch on the device; a {self.task.name} "
                                  "model's transform runs on the CPU only; write `preprocess: cpu`")
         self.side = SideStream(self.device)  # CUDA: inputs are made beside the forward
         self.backbone = backbone.half() if half else backbone

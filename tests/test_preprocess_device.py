@@ -13,11 +13,9 @@ import pytest
 import torch
 
 from handler.config import HandlerConfig
-from handler.image.classify_crop import classify_transform
 from handler.image.decode import decode_image
 from handler.image.letterbox import letterbox, letterbox_params
-from handler.image.stretch import stretch, stretch_params
-from handler.pipeline import YoloPipeline, device_placement
+from handler.pipeline import YoloPipeline
 from handler.runtime.overlap import SideStream, run_groups
 from handler.tasks import TASKS
 
@@ -125,30 +123,15 @@ def test_side_stream_orders_its_work_between_the_main_streams():
 # ---------------------------------------------------------------- which transforms the device reproduces
 
 
-def test_device_placement_finds_the_letterbox_and_the_stretch():
-    for mode in ("rect", "square"):
-        place = device_placement(lambda im, m=mode: letterbox(im, 640, 32, m), 640, 32, mode)
-        assert place is not None and place((720, 1280)) == letterbox_params((720, 1280), 640, 32, mode)
-    place = device_placement(lambda im: stretch(im, (384, 640)), (384, 640), 32, None)
-    assert place is not None and place((720, 1280)) == stretch_params((720, 1280), (384, 640))
-
-
-def test_device_placement_refuses_other_transforms():
-    assert device_placement(lambda im: classify_transform(im, 224), 224, 32, None) is None
-    # a letterbox with settings other than the pipeline's is not the pipeline's letterbox
-    assert device_placement(lambda im: letterbox(im, 640, 32, "square"), 640, 32, "rect") is None
-    assert device_placement(lambda im: letterbox(im, 320, 32, "rect"), 640, 32, "rect") is None
-
-
 def _meta(task: str, letterbox_mode: str | None = "rect") -> dict:
     return {"task": task, "names": ["a", "b"], "max_stride": 32, "imgsz": [640, 640], "letterbox": letterbox_mode}
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_every_task_gets_its_own_transform_on_the_device_or_is_refused(task):
-    """For each registered task: ``preprocess: device`` makes the pixels and geometry of the task's CPU
-    transform on every size tried, or the pipeline refuses it at construction."""
-    meta = {**_meta(task, None if task in ("classify", "depth", "rtdetr") else "rect"), "imgsz": [384, 640], "kpt_shape": [17, 3]}
+    """For each registered task: the geometry it declares (``Task.placement``), placed on the device, makes the
+    pixels and geometry of the task's CPU transform on every size tried, or the pipeline refuses it at construction."""
+    meta = {**_meta(task, "rect" if TASKS[task].letterbox else None), "imgsz": [384, 640], "kpt_shape": [17, 3]}
     try:
         dev = YoloPipeline(torch.nn.Identity(), None, meta, preprocess="device")
     except ValueError as e:

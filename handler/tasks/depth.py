@@ -27,9 +27,8 @@ from torch import Tensor
 
 from handler.encoding.dense import DenseTooLarge, b64, encode_depth_png16, encode_float32
 from handler.errors import ResponseTooLarge
-from handler.image.stretch import stretch
 from handler.response import MAX_RESPONSE_BYTES, ModelInfo
-from handler.tasks.base import ImageTransform, Prepared, Task
+from handler.tasks.base import Prepared, Stretched
 from handler.tasks.semantic import Encoding, choice
 
 ENCODINGS = ("png16", "float32")
@@ -46,7 +45,7 @@ class DepthMap:
     stats: Tensor
 
 
-class DepthTask(Task):
+class DepthTask(Stretched):
     name = "depth"
     parameters = ("encoding",)
     foreign = "do not apply to a depth model"
@@ -58,10 +57,6 @@ class DepthTask(Task):
     def options(self, params: dict[str, Any], defaults: None, names: Sequence[str]) -> tuple[None, Encoding]:
         encoding = choice("encoding", params["encoding"], ENCODINGS) if "encoding" in params else ENCODINGS[0]
         return None, Encoding(encoding)
-
-    def transform(self, imgsz, stride: int, letterbox_mode: str | None) -> ImageTransform:
-        """Every input gets the shape ``imgsz``; ``letterbox_mode`` is not used."""
-        return lambda image: stretch(image, imgsz)
 
     def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[DepthMap]:
         geometry = torch.tensor([it.params.as_row() for it in items], dtype=torch.float32)  # [B, 6]

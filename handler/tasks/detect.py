@@ -2,7 +2,7 @@
 
 Request parameters: ``conf``, ``iou``, ``max_det``, ``classes`` (ids or names), ``polygons`` (which
 only a segment model uses; the others accept and ignore it) and ``full_precision`` (numbers unrounded). Transform: the one letterbox
-(``handler/image/letterbox.py``). Postprocessor: :class:`export.postprocess.YoloPostprocess`, whose contract
+(``handler/image/letterbox.py``, :class:`~handler.tasks.base.Letterboxed`). Postprocessor: :class:`export.postprocess.YoloPostprocess`, whose contract
 (inputs ``feats, geometry, conf, iou, max_det, class_mask``; outputs ``detections, counts, masks``) is
 written down in ``export/postprocess.py``.
 
@@ -35,9 +35,8 @@ from torch import Tensor
 
 from handler import request_values as p
 from handler.errors import InvalidParameter
-from handler.image.letterbox import LETTERBOX_MODES, letterbox
 from handler.response import ModelInfo, px, score
-from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task, full_precision
+from handler.tasks.base import Letterboxed, Prepared, ResponseOptions, full_precision
 from handler.tracking import Detections as TrackerDetections
 from handler.tracking import FrameTracks
 
@@ -96,7 +95,7 @@ def threshold_tensors(thresholds: list[Thresholds], nc: int) -> tuple[Tensor, Te
     return conf, iou, max_det, class_mask
 
 
-class DetectTask(Task):
+class DetectTask(Letterboxed):
     """detect, pose (keypoint columns, from the metadata's ``kpt_shape``) and obb (``rotated``)."""
 
     parameters = PARAMETERS
@@ -129,11 +128,6 @@ class DetectTask(Task):
             raise InvalidParameter(str(e)) from None
         polygons = p.boolean("polygons", params["polygons"]) if "polygons" in params else False
         return t, ResponseOptions(polygons=polygons, full_precision=full_precision(params))
-
-    def transform(self, imgsz, stride: int, letterbox_mode: str | None) -> ImageTransform:
-        if letterbox_mode not in LETTERBOX_MODES:
-            raise ValueError(f"letterbox must be one of {LETTERBOX_MODES}, got {letterbox_mode!r}")
-        return lambda image: letterbox(image, imgsz, stride, letterbox_mode)
 
     def run_postprocessor(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> tuple[Tensor, Tensor, Tensor]:
         """``detections: float32[B, K, ncols]``, ``counts: int64[B]``, ``masks: uint8[B, M, H0, W0]`` on CPU."""

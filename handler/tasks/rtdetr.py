@@ -9,15 +9,12 @@ decoder is NMS-free). Transform: :func:`handler.image.stretch.stretch`, ``RTDETR
 
 from __future__ import annotations
 
-from handler.image.stretch import stretch
-from handler.tasks.base import ImageTransform
+from handler.tasks.base import Stretched
 from handler.tasks.detect import DetectTask
 
 
-class RTDETRTask(DetectTask):
-    def transform(self, imgsz, stride: int, letterbox_mode: str | None) -> ImageTransform:
-        """Every input gets the shape ``imgsz``; ``letterbox_mode`` is not used."""
-        return lambda image: stretch(image, imgsz)
+class RTDETRTask(Stretched, DetectTask):
+    """The detection family's parameters, postprocessor contract and JSON, with the stretch transform."""
 
 
 RTDETR = RTDETRTask("rtdetr")

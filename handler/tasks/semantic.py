@@ -31,9 +31,8 @@ from handler.contract import SEMANTIC_IGNORE
 from handler.encoding.dense import b64, encode_class_map_png
 from handler.encoding.masks import encode_rle
 from handler.errors import InvalidParameter
-from handler.image.letterbox import LETTERBOX_MODES, letterbox
 from handler.response import ModelInfo
-from handler.tasks.base import ImageTransform, Prepared, Task
+from handler.tasks.base import Letterboxed, Prepared
 
 ENCODINGS = ("rle", "png")
 
@@ -68,7 +67,7 @@ def choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
     return value.lower()
 
 
-class SemanticTask(Task):
+class SemanticTask(Letterboxed):
     name = "semantic"
     parameters = ("classes", "encoding")
     foreign = "do not apply to a semantic segmentation model"
@@ -85,11 +84,6 @@ class SemanticTask(Task):
                 raise InvalidParameter(f"class ids {bad} out of range 0..{len(names) - 1}")
         encoding = choice("encoding", params["encoding"], ENCODINGS) if "encoding" in params else ENCODINGS[0]
         return SemanticOptions(classes), Encoding(encoding)
-
-    def transform(self, imgsz, stride: int, letterbox_mode: str | None) -> ImageTransform:
-        if letterbox_mode not in LETTERBOX_MODES:
-            raise ValueError(f"letterbox must be one of {LETTERBOX_MODES}, got {letterbox_mode!r}")
-        return lambda image: letterbox(image, imgsz, stride, letterbox_mode)
 
     def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[ClassMap]:
         geometry = torch.tensor([it.params.as_row() for it in items], dtype=torch.float32)  # [B, 6]

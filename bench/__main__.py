@@ -247,21 +247,31 @@ def run(args: argparse.Namespace, work: Path, command: str) -> int:
 
 
 def write_outputs(args: argparse.Namespace, results: dict) -> None:
-    """JSON, markdown, plot and the docs section, as asked on the command line; the markdown to stdout."""
+    """JSON, markdown, plot and the docs section, as asked on the command line; the markdown to stdout. Each
+    markdown file links the plot by its path from that file (the run outputs live in docs/measurements/, the
+    page that shows them in docs/)."""
     from bench import report
 
-    markdown = report.render_markdown(results, plot_name=args.plot.name if args.plot else None)
+    def markdown_for(page: Path | None) -> str:
+        link = None if args.plot is None else (args.plot.name if page is None else plot_link(args.plot, page))
+        return report.render_markdown(results, plot_name=link)
+
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown + "\n")
+        args.markdown.write_text(markdown_for(args.markdown) + "\n")
     if args.plot:
         report.write_plot(results, args.plot)
     if args.update_docs:
-        report.update_docs(args.update_docs, markdown)
-    print(markdown)
+        report.update_docs(args.update_docs, markdown_for(args.update_docs))
+    print(markdown_for(None))
+
+
+def plot_link(plot: Path, page: Path) -> str:
+    """The relative link from the markdown file ``page`` to the image ``plot``."""
+    return Path(os.path.relpath(plot.resolve(), page.resolve().parent)).as_posix()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ TORCHSERVE_DEFAULTS: dict[str, object] = {
     "maxBatchDelay": None,  # BATCH_DELAY_MS of the device it is served on
     "responseTimeout": 120,
 }
-# maxBatchDelay (ms) by the device the model is served on (docs/benchmarks.md, "Batch delay"). On CPU a forward
+# maxBatchDelay (ms) by the device the model is served on (docs/benchmarks.md, "Batch delay, threads and a lone request's time"). On CPU a forward
 # takes ~70 ms, so requests pile up while a batch runs and waiting buys little: a lone request pays the whole
 # delay in QueueTime (measured: delay + ~2 ms), and 0 makes TorchServe's batch aggregator poll (~100 ms of
 # QueueTime measured), so 2. On GPU a short wait fills batches; 20 stays until a GPU run measures the curve

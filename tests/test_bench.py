@@ -213,3 +213,21 @@ def test_in_process_only_results_render(fake_results, tmp_path):
     assert "#### Served" not in md and "#### In process" in md
     report.write_plot(fake_results, tmp_path / "p.png")
     assert (tmp_path / "p.png").is_file()
+
+
+def test_each_markdown_file_links_the_plot_from_where_it_is(fake_results, tmp_path):
+    """The run outputs go to docs/measurements/, the page that shows them is docs/benchmarks.md: each file's
+    image link must resolve from that file."""
+    from argparse import Namespace
+
+    from bench.__main__ import write_outputs
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    page = docs / "benchmarks.md"
+    page.write_text("# Benchmarks\n")
+    args = Namespace(json=docs / "measurements" / "b.json", markdown=docs / "measurements" / "table.md",
+                     plot=docs / "measurements" / "b.png", update_docs=page)
+    write_outputs(args, fake_results)
+    assert "![latency against concurrency](measurements/b.png)" in page.read_text()
+    assert "![latency against concurrency](b.png)" in args.markdown.read_text()

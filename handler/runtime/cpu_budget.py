@@ -234,7 +234,7 @@ def cpu_budget(
 def threads_per_worker(cpus: int, workers: int) -> int:
     """The division policy: each worker's share of ``cpus`` CPUs, rounded down, at least 1.
 
-    Measured served on 2 idle cores (docs/benchmarks.md, "Threads and workers on 2 cores"):
+    Measured served on 2 idle cores (docs/measurements/batch-delay.md, "Threads and workers on 2 cores"):
     one worker with this share (2 threads) beat one worker of 1 thread at every concurrency, 65-72 against
     100-106 ms for a lone request and 16-19 against 10-12 images/s under load, so the Java frontend and the
     client need no core of their own; two workers of 1 thread each (this share again) had the most

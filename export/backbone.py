@@ -9,7 +9,7 @@ Contract of the traced ``backbone.pt``:
           a segment model appends one more tensor, the mask prototypes ``[B, nm, H / 4, W / 4]``.
 Nothing that depends on H or W (anchors, strides, decode) is inside: that is the postprocessor's
 job, so one trace serves every input size. Classify models trace :class:`export.classify.ClassifyLogits`
-instead (contract in ``export/classify.py``); :func:`raw_network` picks.
+instead (contract in ``export/classify.py``); each task's entry in ``export/tasks.py`` names its module.
 
 The three whole-network tasks trace the model's own eval forward:
   semantic  (:class:`WholeNetwork`) a 1-tuple ``(logits: float32[B, nc, H / 8, W / 8],)``: the ``SemanticSegment``
@@ -38,10 +38,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from export.checkpoint import RTDETR_TASK, LoadedModel
-from export.classify import ClassifyLogits
-
-WHOLE_NETWORK_TASKS = ("semantic", "depth")  # traced as WholeNetwork
+from export.checkpoint import LoadedModel
 
 
 class RawHead(nn.Module):
@@ -117,21 +114,10 @@ class RTDETRQueries(nn.Module):
         return (torch.cat((boxes, logits.sigmoid()), -1),)  # [B, Q, 4 + nc], the head's own sigmoid
 
 
-def raw_network(loaded: LoadedModel) -> nn.Module:
-    """The eager module that ``backbone.pt`` traces: :class:`ClassifyLogits` for classify, :class:`WholeNetwork`
-    for semantic and depth, :class:`RTDETRQueries` for RT-DETR, else :class:`RawHead`."""
-    if loaded.task == "classify":
-        return ClassifyLogits(loaded.model)
-    if loaded.task in WHOLE_NETWORK_TASKS:
-        return WholeNetwork(loaded.model)
-    if loaded.task == RTDETR_TASK:
-        return RTDETRQueries(loaded.model)
-    return RawHead(loaded)
-
-
-def trace_backbone(loaded: LoadedModel, example_hw: tuple[int, int]) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` of :func:`raw_network` on CPU, fp32, at ``1 x 3 x example_hw``."""
-    wrapper = raw_network(loaded).eval()
+def trace_backbone(network: nn.Module, example_hw: tuple[int, int]) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of ``network`` (a task's module above, ``export.tasks.raw_network``) on CPU, fp32, at
+    ``1 x 3 x example_hw``."""
+    wrapper = network.eval()
     example = torch.rand(1, 3, *example_hw)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)  # torch.jit.* deprecation notices in torch 2.14

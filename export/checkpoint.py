@@ -22,13 +22,9 @@ from export.postprocess import (
 )
 
 HeadChoice = Literal["auto", "one2many", "one2one"]
-# The served tasks. Ultralytics calls an RT-DETR model's task "detect"; we serve it as "rtdetr", because its
-# transform (a stretch, not a letterbox) and its postprocessor differ from YOLO detect's; the response is detect's.
-RTDETR_TASK = "rtdetr"
-SUPPORTED_TASKS = ("detect", "pose", "segment", "obb", "classify", "semantic", "depth", RTDETR_TASK)
-SUPPORTED_HEADS = ("Detect", "v10Detect", "Pose", "Pose26", "Segment", "Segment26", "OBB", "OBB26")
-# Tasks whose whole network is traced (export/backbone.py, WholeNetwork / RTDETRQueries), with the one head each
-WHOLE_NETWORK_HEADS = {"semantic": "SemanticSegment", "depth": "Depth", RTDETR_TASK: "RTDETRDecoder"}
+# What the scripted postprocessor must know of a YOLO detection head besides its task, by the head's class.
+KPT_DECODES = {"Pose": KPT_DECODE_POSE, "Pose26": KPT_DECODE_POSE26}
+ANGLE_DECODES = {"OBB": ANGLE_DECODE_OBB, "OBB26": ANGLE_DECODE_OBB26}
 
 
 class ExportError(Exception):
@@ -44,16 +40,16 @@ class LoadedModel:
     seed: int  # seed of a YAML build
     model: nn.Module  # ultralytics DetectionModel / PoseModel / SegmentationModel / OBBModel / ClassificationModel /
     #                   SemanticSegmentationModel / DepthModel / RTDETRDetectionModel, fused
-    task: str  # one of SUPPORTED_TASKS ("rtdetr" for an RT-DETR detector, which Ultralytics calls "detect")
+    task: str  # the served task (export/tasks.py; "rtdetr" for an RT-DETR detector, which Ultralytics calls "detect")
     names: list[str]  # class names, index = class id
     strides: list[float]  # per detection level, e.g. [8, 16, 32]
-    reg_max: int
-    end2end: bool  # True: the NMS-free one-to-one head is exported
-    kpt_shape: tuple[int, int] | None
-    kpt_decode: int  # one of export.postprocess.KPT_DECODE_*
-    head_type: str  # "Detect", "Pose", "Pose26", ...
+    head_type: str  # the head's class: "Detect", "Pose", "Pose26", "Classify", "RTDETRDecoder", ...
     weights_sha256: str  # of the .pt or .yaml file
     predict_imgsz: int | list[int] | None = None  # the imgsz YOLO(weights).predict() uses (checkpoint args or 640)
+    reg_max: int = 0  # DFL bins of a YOLO detection head (1: direct ltrb)
+    end2end: bool = False  # True: an NMS-free head is exported (YOLO one-to-one, or RT-DETR's queries)
+    kpt_shape: tuple[int, int] | None = None  # pose models: (keypoints, 2 or 3)
+    kpt_decode: int = KPT_DECODE_NONE  # one of export.postprocess.KPT_DECODE_* (pose models)
     nm: int = 0  # mask coefficients per detection (segment models)
     angle_decode: int = ANGLE_DECODE_NONE  # one of export.postprocess.ANGLE_DECODE_* (obb models)
     num_queries: int = 0  # RT-DETR: decoder queries per image (the backbone's [B, num_queries, 4 + nc]), else 0
@@ -65,6 +61,11 @@ class LoadedModel:
     @property
     def max_stride(self) -> int:
         return max(int(max(self.strides)), 32)  # as Ultralytics' AutoBackend
+
+    @property
+    def rotated(self) -> bool:
+        """Its detections are rotated boxes (an OBB head)."""
+        return self.angle_decode != ANGLE_DECODE_NONE
 
 
 def sha256_of(path: Path) -> str:
@@ -123,14 +124,9 @@ def build_yolo(weights: str, src: Path, seed: int):
     return yolo
 
 
-def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> LoadedModel:
-    """Load ``weights`` (a ``.pt`` checkpoint, or a model ``.yaml`` built with ``seed``) for export.
-
-    ``head`` selects the detection head of models that have both (YOLO26, YOLOv10):
-    ``auto`` keeps the checkpoint's own setting as the installed Ultralytics reads it (what
-    ``YOLO(weights).predict()`` uses); ``one2one`` forces the NMS-free head (``predict(nms=False)``);
-    ``one2many`` forces the NMS head.
-    """
+def open_checkpoint(weights: str, seed: int = 0):
+    """``weights`` (a ``.pt`` checkpoint, or a model ``.yaml`` built with ``seed``) -> ``(the Ultralytics model
+    object, the file it came from)``; :class:`ExportError` for anything that is not one."""
     src = _resolve_source(weights)
     if src is None:
         raise ExportError(f"weights not found: {weights}")
@@ -143,40 +139,84 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
         if magic[:2] != b"PK" and magic[:1] != b"\x80":  # zip (torch.save) or legacy pickle
             raise ExportError(f"{weights}: not a PyTorch checkpoint")
     try:
-        yolo = build_yolo(weights, src, seed)
+        return build_yolo(weights, src, seed), src
     except Exception as e:  # noqa: BLE001 - anything Ultralytics raises on a bad file is the user's input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{weights}: not an Ultralytics checkpoint ({first})") from None
-    task = RTDETR_TASK if type(yolo.model.model[-1]).__name__ == "RTDETRDecoder" else yolo.task
-    if task not in SUPPORTED_TASKS:
-        raise ExportError(f"{weights}: task '{task}' is not supported yet (supported: {', '.join(SUPPORTED_TASKS)})")
-    if task == "classify":
-        return _classifier(yolo, weights, src, seed)
-    if task in WHOLE_NETWORK_HEADS:
-        if head != "auto":
-            raise ExportError(f"{weights}: --head {head} applies to YOLO detection heads; a {task} model takes --head auto")
-        return _whole_network(yolo, task, weights, src, seed)
+
+
+def head_class(yolo) -> str:
+    """The class name of the model's head (its last layer): what decides how it is exported (export/tasks.py)."""
+    return type(yolo.model.model[-1]).__name__
+
+
+# The loaders of export/tasks.py, one per way a head is exported: ``(yolo, task, weights, file, seed, --head)``
+# -> the fused model and its facts. None of them compares task names; the task is given.
+
+
+def load_detection(yolo, task: str, weights: str, src: Path, seed: int, head: HeadChoice) -> LoadedModel:
+    """A YOLO detection head (``Detect``, ``Pose``, ``Segment``, ``OBB`` and their v10/26 variants): its levels are
+    traced raw (export/backbone.py ``RawHead``) and decoded by ``export/postprocess.py``.
+
+    ``head`` selects the detection head of models that have both (YOLO26, YOLOv10): ``auto`` keeps the
+    checkpoint's own setting as the installed Ultralytics reads it (what ``YOLO(weights).predict()`` uses);
+    ``one2one`` forces the NMS-free head (``predict(nms=False)``); ``one2many`` forces the NMS head."""
     model = yolo.model
     head_module = model.model[-1]
     head_type = type(head_module).__name__
-    if head_type not in SUPPORTED_HEADS:
-        raise ExportError(f"{weights}: head {head_type!r} is not supported yet (supported: {', '.join(SUPPORTED_HEADS)})")
     if head != "auto":
         if getattr(head_module, "one2one_cv2", None) is None and head == "one2one":
             raise ExportError(f"{weights}: this model has no NMS-free one-to-one head; use --head auto")
         model.end2end = head == "one2one"
-    model = model.float().eval()
+    model = _fused(model)
+    head_module = model.model[-1]
+    return _loaded(
+        yolo, model, task, weights, src, seed,
+        strides=[float(s) for s in head_module.stride],
+        reg_max=int(head_module.reg_max),
+        end2end=bool(getattr(head_module, "end2end", False)),
+        kpt_shape=tuple(int(v) for v in head_module.kpt_shape) if head_type in KPT_DECODES else None,
+        kpt_decode=KPT_DECODES.get(head_type, KPT_DECODE_NONE),
+        nm=int(getattr(head_module, "nm", 0)),
+        angle_decode=ANGLE_DECODES.get(head_type, ANGLE_DECODE_NONE),
+    )
+
+
+def load_classifier(yolo, task: str, weights: str, src: Path, seed: int, head: HeadChoice) -> LoadedModel:
+    """A ``ClassificationModel`` with a YOLO ``Classify`` head (its logits are traced)."""
+    _auto_head_only(head, weights, task)
+    model = _fused(yolo.model)
+    return _loaded(yolo, model, task, weights, src, seed, strides=[float(s) for s in model.stride])  # [1.0]: max_stride 32
+
+
+def load_whole_network(yolo, task: str, weights: str, src: Path, seed: int, head: HeadChoice) -> LoadedModel:
+    """A model whose whole network is traced (semantic ``SemanticSegment``, depth ``Depth``, RT-DETR
+    ``RTDETRDecoder``; export/backbone.py), so no per-level decode facts are needed; an RT-DETR decoder adds its
+    query count, and is NMS-free."""
+    _auto_head_only(head, weights, task)
+    model = _fused(yolo.model)
+    num_queries = int(getattr(model.model[-1], "num_queries", 0))
+    return _loaded(
+        yolo, model, task, weights, src, seed,
+        strides=[float(s) for s in model.stride],  # [32.0]: the input must be a multiple of the deepest stride
+        end2end=num_queries > 0,
+        num_queries=num_queries,
+    )
+
+
+def _auto_head_only(head: HeadChoice, weights: str, task: str) -> None:
+    if head != "auto":
+        raise ExportError(f"{weights}: --head {head} applies to YOLO detection heads; a {task} model takes --head auto")
+
+
+def _fused(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = model.fuse(verbose=False)
-    head_module = model.model[-1]
-    kpt_shape = tuple(int(v) for v in head_module.kpt_shape) if task == "pose" else None
-    kpt_decode = KPT_DECODE_NONE
-    if task == "pose":
-        kpt_decode = KPT_DECODE_POSE26 if head_type == "Pose26" else KPT_DECODE_POSE
-    angle_decode = ANGLE_DECODE_NONE
-    if task == "obb":
-        angle_decode = ANGLE_DECODE_OBB26 if head_type == "OBB26" else ANGLE_DECODE_OBB
+        return model.float().eval().fuse(verbose=False)
+
+
+def _loaded(yolo, model: nn.Module, task: str, weights: str, src: Path, seed: int, **facts) -> LoadedModel:
+    """The :class:`LoadedModel` of the fused ``model``: what every task has, plus its own ``facts``."""
     return LoadedModel(
         source=weights,
         path=src,
@@ -184,16 +224,10 @@ def load_model(weights: str, head: HeadChoice = "auto", seed: int = 0) -> Loaded
         model=model,
         task=task,
         names=class_names(model),
-        strides=[float(s) for s in head_module.stride],
-        reg_max=int(head_module.reg_max),
-        end2end=bool(getattr(head_module, "end2end", False)),
-        kpt_shape=kpt_shape,
-        kpt_decode=kpt_decode,
-        head_type=head_type,
+        head_type=type(model.model[-1]).__name__,
         weights_sha256=sha256_of(src),
         predict_imgsz=_predict_imgsz(yolo),
-        nm=int(head_module.nm) if task == "segment" else 0,
-        angle_decode=angle_decode,
+        **facts,
     )
 
 
@@ -208,59 +242,3 @@ def _predict_imgsz(yolo) -> int | list[int]:
     from ultralytics.utils import DEFAULT_CFG
 
     return yolo.overrides.get("imgsz") or DEFAULT_CFG.imgsz
-
-
-def _classifier(yolo, weights: str, src: Path, seed: int) -> LoadedModel:
-    """A fused ``ClassificationModel`` with a YOLO ``Classify`` head (torchvision backbones are not supported)."""
-    head_type = type(yolo.model.model[-1]).__name__
-    if head_type != "Classify":
-        raise ExportError(f"{weights}: classify head {head_type!r} is not supported (supported: Classify)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = yolo.model.float().eval().fuse(verbose=False)
-    return LoadedModel(
-        source=weights,
-        path=src,
-        seed=seed,
-        model=model,
-        task="classify",
-        names=class_names(model),
-        strides=[float(s) for s in model.stride],  # [1.0]: no constraint; max_stride 32, as AutoBackend's
-        reg_max=0,
-        end2end=False,
-        kpt_shape=None,
-        kpt_decode=KPT_DECODE_NONE,
-        head_type=head_type,
-        weights_sha256=sha256_of(src),
-        predict_imgsz=_predict_imgsz(yolo),
-    )
-
-
-def _whole_network(yolo, task: str, weights: str, src: Path, seed: int) -> LoadedModel:
-    """A fused semantic (``SemanticSegment``), depth (``Depth``) or RT-DETR (``RTDETRDecoder``) model: the
-    backbone traces the whole network (export/backbone.py), so no per-level decode facts are needed."""
-    head_type = type(yolo.model.model[-1]).__name__
-    expected = WHOLE_NETWORK_HEADS[task]
-    if head_type != expected:
-        raise ExportError(f"{weights}: {task} head {head_type!r} is not supported (supported: {expected})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = yolo.model.float().eval().fuse(verbose=False)
-    head_module = model.model[-1]
-    return LoadedModel(
-        source=weights,
-        path=src,
-        seed=seed,
-        model=model,
-        task=task,
-        names=class_names(model),
-        strides=[float(s) for s in model.stride],  # [32.0]: the input must be a multiple of the deepest stride
-        reg_max=0,
-        end2end=task == RTDETR_TASK,  # NMS-free
-        kpt_shape=None,
-        kpt_decode=KPT_DECODE_NONE,
-        head_type=head_type,
-        weights_sha256=sha256_of(src),
-        predict_imgsz=_predict_imgsz(yolo),
-        num_queries=int(head_module.num_queries) if task == RTDETR_TASK else 0,
-    )

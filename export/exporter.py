@@ -14,9 +14,9 @@ import torch
 
 from export import verify
 from export.backbone import trace_backbone
-from export.checkpoint import ExportError, HeadChoice, LoadedModel, load_model
+from export.checkpoint import ExportError, HeadChoice, LoadedModel
 from export.metadata import build_metadata, to_json
-from export.tasks import EXPORT_TASKS, export_task
+from export.tasks import EXPORT_TASKS, export_task, load_model, raw_network, run_checks
 from handler.contract import (
     AOTI_BACKBONE_FILE,
     AOTI_FORMAT,
@@ -113,7 +113,7 @@ def export_model(
     backbone_path, post_path, meta_path = out_dir / BACKBONE_FILE, out_dir / POSTPROCESS_FILE, out_dir / METADATA_FILE
 
     with _step(steps, f"trace backbone at 1x3x{imgsz[0]}x{imgsz[1]}", log), _quiet_jit():
-        traced = trace_backbone(loaded, (imgsz[0], imgsz[1]))
+        traced = trace_backbone(raw_network(loaded), (imgsz[0], imgsz[1]))
         torch.jit.save(traced, str(backbone_path), _extra_files=extra)
     with _step(steps, "script postprocessor", log), _quiet_jit():
         torch.jit.save(script_postprocessor(loaded), str(post_path), _extra_files=extra)
@@ -132,7 +132,8 @@ def export_model(
 
 
 def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> None:
-    """Run the three checks of ``export/verify.py`` on the files just written."""
+    """Run the three checks of ``export/verify.py`` on the files just written: the trace, then the task's own
+    (``export/tasks.py`` ``run_checks``)."""
     loaded, steps = result.loaded, result.steps
     pipeline = YoloPipeline.from_dir(result.out_dir)
     compiled = None
@@ -144,10 +145,10 @@ def verify_export(result: ExportResult, log: Callable[[str], None] = print) -> N
     stride = loaded.max_stride
     shapes = [(1, h, w), (2, max(stride, h // 2 // stride * stride), w)]
     with _step(steps, f"check trace == eager at {shapes}", log):
-        diff = verify.check_trace(loaded, pipeline.backbone, shapes)
+        diff = verify.check_trace(raw_network(loaded), pipeline.backbone, shapes)
     log(f"    max abs diff {diff:.2e}")
     images = sample_images()
-    export_task(loaded).check(loaded, pipeline, images, lambda what: _step(steps, what, log), log)
+    run_checks(loaded, pipeline, images, lambda what: _step(steps, what, log), log)
     if compiled is not None:
         with _step(steps, f"check {AOTI_BACKBONE_FILE} == {BACKBONE_FILE} at {shapes}", log):
             raw, det = aoti.check_parity(pipeline, compiled, [decode_image(p.read_bytes()) for p in images], shapes)

@@ -8,8 +8,8 @@ import json
 import torch
 
 from export.checkpoint import LoadedModel
-from export.tasks import export_task
 from export.postprocess import ANGLE_DECODE_NONE, ANGLE_DECODE_OBB26, KPT_DECODE_POSE26
+from export.tasks import export_task
 from handler.contract import BACKBONE_FILES, CONTRACT_VERSION, DEFAULT_MODEL_VERSION, METADATA_KEYS, TORCHSCRIPT_FORMAT
 
 
@@ -23,6 +23,7 @@ def build_metadata(
     ``backbone.pt2``) and ``backbone`` its file; the handler loads whichever they name."""
     import ultralytics
 
+    task = export_task(loaded)
     meta = {
         "contract": CONTRACT_VERSION,
         "name": name,
@@ -38,12 +39,12 @@ def build_metadata(
         "max_stride": loaded.max_stride,
         "reg_max": loaded.reg_max,
         "end2end": loaded.end2end,
-        "head": export_task(loaded).head(loaded),
+        "head": task.describe_head(loaded),
         "head_type": loaded.head_type,
         "imgsz": imgsz,  # [h, w] letterbox target
-        # "rect" (minimal padding, as YOLO.predict) or "square"; None for classify, which is resized and
-        # center-cropped instead (handler/tasks/classify.py)
-        "letterbox": letterbox if export_task(loaded).letterbox else None,
+        # "rect" (minimal padding, as YOLO.predict) or "square"; None for a task whose transform is not the
+        # letterbox (classify's resize + crop, the stretch of depth and RT-DETR: handler/tasks/)
+        "letterbox": letterbox if task.served.letterbox else None,
         "versions": {"ultralytics": ultralytics.__version__, "torch": torch.__version__},
         "weights": {"file": loaded.path.name, "sha256": loaded.weights_sha256},
         "format": backbone_format,

@@ -2,7 +2,7 @@
 
 Three checks, each raising :class:`VerificationError` that names the worst mismatch:
 
-1. :func:`check_trace`: traced backbone vs the eager network, raw outputs, max abs diff <= 1e-4.
+1. :func:`check_trace`: traced backbone vs the eager network, raw outputs, max abs diff <= 1e-4 (every task).
 2. :func:`check_decode`: the same letterboxed input through (traced backbone -> our scripted
    postprocessor) and through (eager model with Ultralytics' own decode -> Ultralytics'
    ``non_max_suppression`` -> ``scale_boxes``/``scale_coords``), at a low threshold so that random-weight
@@ -12,7 +12,8 @@ Three checks, each raising :class:`VerificationError` that names the worst misma
 
 Classify models replace 2 and 3 by :func:`check_classify_decode` (our resize + crop pixels == the
 predictor's, our softmax == the ``Classify`` head's) and :func:`check_classify_predict` (top-5 of the
-served pipeline == ``results.probs``).
+served pipeline == ``results.probs``); semantic, depth and RT-DETR models by those of ``export/verify_tasks.py``.
+Each task's entry in ``export/tasks.py`` names its checks 2 and 3 as a :class:`Checks` value.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from export.backbone import RawHead, raw_network
+from export.backbone import RawHead
 from export.checkpoint import LoadedModel, build_yolo
 from export.matching import greedy_match
 from handler.image.decode import decode_image
@@ -40,6 +42,18 @@ MATCH_IOU = 0.5  # below it, two detections are not the same one (then each coun
 
 class VerificationError(AssertionError):
     """The export does not reproduce Ultralytics; the message names the worst mismatch."""
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Checks 2 and 3 of one task, run on each sample image by ``export/tasks.py`` ``run_checks``. Each function
+    raises :class:`VerificationError` or returns the figure it compared."""
+
+    decode: Callable[..., float]  # (loaded, pipeline, image_path): our postprocessor vs Ultralytics' on the same input
+    predict: Callable[..., float]  # (loaded, pipeline, image_path): the served pipeline vs ``model.predict(file)``
+    figure: Callable[[float], str]  # how one figure reads in the log
+    transform: Callable[..., tuple[int, int]] | None = None  # (loaded, pipeline, image): pixels == Ultralytics'
+    counts: bool = False  # the figures count detections: none compared means the check saw nothing
 
 
 @dataclass(frozen=True)
@@ -105,15 +119,17 @@ def compare_detections(
     return [m for _, m in sorted(problems, key=lambda p: -p[0])]
 
 
-def _raise_if(problems: list[str], what: str) -> None:
+def raise_first(problems: list[str], what: str) -> None:
+    """Raise :class:`VerificationError` with the first (worst) of ``problems``, if any."""
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise VerificationError(f"{what}: {problems[0]}{more}")
 
 
-def check_trace(loaded: LoadedModel, traced: torch.jit.ScriptModule, shapes: list[tuple[int, int, int]]) -> float:
-    """Traced vs eager raw head outputs (classify: logits) at each ``(B, H, W)``; returns the max abs diff."""
-    eager = raw_network(loaded).eval()
+def check_trace(network: nn.Module, traced: torch.jit.ScriptModule, shapes: list[tuple[int, int, int]]) -> float:
+    """``traced`` vs the eager ``network`` it traced (``export.tasks.raw_network``: raw head outputs; classify:
+    logits) at each ``(B, H, W)``; returns the max abs diff."""
+    eager = network.eval()
     worst, where = 0.0, ""
     for b, h, w in shapes:
         x = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(h * w + b))
@@ -155,7 +171,7 @@ def ultralytics_reference_with_masks(
         y = loaded.model(images)
     y = y[0] if isinstance(y, (list, tuple)) else y
     protos = None
-    if loaded.task == "segment":  # ((decoded, protos), raw)
+    if loaded.nm:  # a segment model: ((decoded, protos), raw)
         y, protos = y
     dets = nms.non_max_suppression(
         y,
@@ -164,9 +180,9 @@ def ultralytics_reference_with_masks(
         list(th.classes) if th.classes is not None else None,
         agnostic,
         max_det=th.max_det,
-        nc=0 if loaded.task == "detect" else loaded.nc,
+        nc=loaded.nc,
         end2end=loaded.end2end,
-        rotated=loaded.task == "obb",
+        rotated=loaded.rotated,
     )
     out = []
     for i, (d, p) in enumerate(zip(dets, params)):
@@ -180,7 +196,7 @@ def ultralytics_reference_with_masks(
             d, m = d[keep], m[keep]
             masks = (ops.scale_masks(m[None].float(), shape, ratio_pad=ratio_pad)[0] > 0.5).byte().numpy()
             d = d[:, :6]
-        if loaded.task == "obb":  # rows x, y, w, h, score, class, angle
+        if loaded.rotated:  # rows x, y, w, h, score, class, angle
             rb = torch.cat((d[:, :4], d[:, 6:7]), 1)
             rb[:, :4] = ops.scale_boxes(images.shape[2:], rb[:, :4], shape, ratio_pad=ratio_pad, xywh=True)
             corners = ops.xywhr2xyxyxyxy(rb)  # [n, 4, 2]
@@ -234,8 +250,8 @@ def check_decode(
     exact = Tolerance(min_iou=0.999, score=1e-5, keypoint_px=0.01, mask_iou=0.95, edge=0.0)
     if len(ours) != len(ref):
         raise VerificationError(f"decode check: {len(ours)} detections, Ultralytics has {len(ref)} (conf {conf:.3g})")
-    problems = compare_detections(ours, ref, conf, exact, loaded.task == "obb", ours_masks, ref_masks)
-    _raise_if(problems, "decode check")
+    problems = compare_detections(ours, ref, conf, exact, loaded.rotated, ours_masks, ref_masks)
+    raise_first(problems, "decode check")
     return len(ref)
 
 
@@ -262,7 +278,7 @@ def ultralytics_predict_with_masks(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = yolo.predict(str(image_path), imgsz=imgsz, rect=rect, conf=conf, verbose=False)[0]
-    if loaded.task == "obb":
+    if loaded.rotated:
         o = r.obb
         rows = [o.xyxy, o.conf[:, None], o.cls[:, None], o.xywhr, o.xyxyxyxy.reshape(-1, 8)]
         return torch.cat(rows, 1).cpu().numpy(), None
@@ -273,7 +289,7 @@ def ultralytics_predict_with_masks(
             k = torch.cat((k, torch.ones_like(k[..., :1])), -1)
         rows.append(k.reshape(len(k), 3 * loaded.kpt_shape[0]))
     masks = None
-    if loaded.task == "segment":
+    if loaded.nm:
         h, w = r.orig_shape
         data = r.masks.data if r.masks is not None else torch.zeros((0, 1, 1))
         masks = (ops.scale_masks(data[None].float(), (h, w))[0] > 0.5).byte().cpu().numpy() if len(data) else np.zeros((0, h, w), np.uint8)
@@ -288,8 +304,8 @@ def check_predict(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path)
     ours_masks = out.masks.numpy() if out.masks is not None else None
     ref, ref_masks = ultralytics_predict_with_masks(loaded, image_path, pipeline.imgsz, rect=pipeline.letterbox_mode == "rect")
     tol = Tolerance()
-    problems = compare_detections(ours, ref, Thresholds().conf, tol, loaded.task == "obb", ours_masks, ref_masks)
-    _raise_if(problems, f"predict check on {Path(image_path).name}")
+    problems = compare_detections(ours, ref, Thresholds().conf, tol, loaded.rotated, ours_masks, ref_masks)
+    raise_first(problems, f"predict check on {Path(image_path).name}")
     return len(ref)
 
 
@@ -345,3 +361,11 @@ def check_classify_predict(loaded: LoadedModel, pipeline: YoloPipeline, image_pa
     if diff > CLASSIFY_PROB_TOL:
         raise VerificationError(f"classify predict on {name}: |dp| {diff:.2e} > {CLASSIFY_PROB_TOL:.0e}")
     return diff
+
+
+def _decode_file(loaded: LoadedModel, pipeline: YoloPipeline, image_path: Path) -> int:
+    return check_decode(loaded, pipeline, decode_image(Path(image_path).read_bytes()))
+
+
+DETECTION_CHECKS = Checks(_decode_file, check_predict, lambda n: f"{int(n)} detections", counts=True)
+CLASSIFY_CHECKS = Checks(check_classify_decode, check_classify_predict, lambda dp: f"max |dp| {dp:.2e}")

@@ -13,6 +13,7 @@ import torch
 from export import verify
 from export.__main__ import main
 from export.exporter import export_model
+from export.tasks import EXPORT_TASKS, raw_network
 from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 from handler.runtime.artifacts import load_artifacts
@@ -73,8 +74,13 @@ def test_backbone_runs_at_any_stride_multiple_and_batch(pose_export, b, hw):
         out = backbone(x)
     nk = meta["kpt_shape"][0] * meta["kpt_shape"][1]
     assert [tuple(o.shape) for o in out] == [(b, 64 + meta["nc"] + nk, hw[0] // s, hw[1] // s) for s in (8, 16, 32)]
-    diff = verify.check_trace(pose_export.loaded, backbone, [(b, *hw)])
-    assert diff <= verify.TRACE_TOL
+    verify.check_trace(raw_network(pose_export.loaded), backbone, [(b, *hw)])  # raises above TRACE_TOL
+    # what the trace check does not see: each image of a batch gets the outputs it gets alone
+    for i in range(b):
+        with torch.no_grad():
+            alone = backbone(x[i : i + 1])
+        for level, (batched, single) in enumerate(zip(out, alone)):
+            assert torch.allclose(batched[i : i + 1], single, atol=verify.TRACE_TOL), (i, level)
 
 
 def test_real_pose_model_matches_predict(pose_export, sample_images):
@@ -104,9 +110,9 @@ def test_metadata_is_embedded_and_readable(pose_export, pose_weights):
 
 def test_a_wrong_postprocessor_fails_the_check(pose_weights, tmp_path, monkeypatch, capsys):
     """The check can fail: decode v8 keypoints with the YOLO26 formula and export must exit 1."""
-    from export import checkpoint
+    from export import tasks
 
-    real = checkpoint.load_model
+    real = tasks.load_model
 
     def wrong_decoder(*args, **kwargs):
         loaded = real(*args, **kwargs)
@@ -166,11 +172,35 @@ def test_a_task_without_an_exporter_is_refused_by_name():
     from types import SimpleNamespace
 
     from export.checkpoint import ExportError
-    from export.tasks import EXPORT_TASKS, export_task
+    from export.tasks import export_task, task_of_head
 
     assert {"detect", "pose", "segment", "obb", "classify", "semantic", "depth", "rtdetr"} <= set(EXPORT_TASKS)
     with pytest.raises(ExportError, match="task 'stereo' is not supported yet"):
         export_task(SimpleNamespace(task="stereo", path=Path("x.pt")))
+    with pytest.raises(ExportError, match="task 'stereo' is not supported yet"):
+        task_of_head("StereoHead", "stereo", "x.pt")
+    with pytest.raises(ExportError, match=r"detect head 'YOLOEDetect' is not supported yet \(supported: Detect, v10Detect\)"):
+        task_of_head("YOLOEDetect", "detect", "x.pt")
+
+
+def test_the_export_table_and_the_handler_registry_name_the_same_tasks():
+    """One task list: each served task (handler/tasks/) has one export entry (export/tasks.py), and the reverse,
+    and no head class belongs to two entries."""
+    from handler.tasks import TASKS
+
+    assert list(EXPORT_TASKS) == list(TASKS)
+    assert all(EXPORT_TASKS[name].served is TASKS[name] for name in TASKS)
+    heads = [h for t in EXPORT_TASKS.values() for h in t.heads]
+    assert len(heads) == len(set(heads))
+
+
+def test_a_head_is_looked_up_by_its_class():
+    """RT-DETR's head is Ultralytics' "detect" task, exported and served as rtdetr; the rest by their heads."""
+    from export.tasks import task_of_head
+
+    assert task_of_head("RTDETRDecoder", "detect", "x.pt").name == "rtdetr"
+    assert task_of_head("Pose26", "pose", "x.pt").name == "pose"
+    assert task_of_head("v10Detect", "detect", "x.pt").name == "detect"
 
 
 def test_cli_one2one_on_a_model_without_that_head(pose_weights):

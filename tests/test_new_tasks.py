@@ -7,7 +7,7 @@ seeded YAML models ``yolo26n-sem.yaml``, ``yolo26n-depth.yaml`` and ``rtdetr-l.y
 output layers (seeded, see :func:`_widen_outputs`) so that the maps have many classes, a range of depths and
 distinct scores (a fresh random head is nearly constant, which would make every comparison trivially equal),
 save them as ``.pt`` checkpoints, and check trace, transform, decode and ``model.predict`` parity through
-``export/verify_tasks.py``. The figures are printed (``pytest -s``).
+``export/verify_tasks.py``, each on the served pipeline of the exported pair. The figures are printed (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def _widen_outputs(yolo, task: str, sample: np.ndarray, seed: int = SEED) -> Non
     """Re-draw the output layers of a fresh seeded model so that its outputs vary like a trained model's:
     semantic logits and depth log-values with a standard deviation of about 1.5 and 0.7 on ``sample``
     (the layer is rescaled to that; depth centred on 3 m), RT-DETR score and box layers with std 0.05 weights."""
-    from export.verify_tasks import network_input
+    from handler.image.letterbox_torch import to_network_input
 
     head = yolo.model.model[-1]
     g = torch.Generator().manual_seed(seed)
@@ -347,7 +347,7 @@ def _widen_outputs(yolo, task: str, sample: np.ndarray, seed: int = SEED) -> Non
     seen = {}
     hook = conv.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
     yolo.model.eval()
-    x = network_input([letterbox(sample, 640, 32, "rect")[0]])
+    x = to_network_input(torch.from_numpy(letterbox(sample, 640, 32, "rect")[0])[None])
     with torch.no_grad():
         conv.weight.normal_(0, 1.0, generator=g)
         yolo.model(x)
@@ -370,10 +370,14 @@ def _save_fp32(yolo, path: Path) -> None:
 
 @pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
 def family(request, tmp_path_factory, sample_images):
-    """(LoadedModel, traced backbone, scripted postprocessor) of a widened seeded model saved as a .pt."""
+    """(LoadedModel, the served pipeline of its traced backbone and scripted postprocessor) of a widened seeded
+    model saved as a .pt."""
     from export.backbone import trace_backbone
-    from export.checkpoint import _resolve_source, build_yolo, load_model
+    from export.checkpoint import _resolve_source, build_yolo
+    from export.metadata import build_metadata
+    from export.tasks import export_task, load_model, raw_network
     from handler.image.decode import decode_image
+    from handler.pipeline import YoloPipeline
 
     task, yaml = request.param, FAMILIES[request.param]
     yolo = build_yolo(yaml, _resolve_source(yaml), SEED)
@@ -384,17 +388,17 @@ def family(request, tmp_path_factory, sample_images):
     assert loaded.task == task
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = trace_backbone(loaded, (640, 640))
-    post = {"semantic": lambda: SemanticPostprocess(loaded.nc), "depth": DepthPostprocess,
-            "rtdetr": lambda: RTDETRPostprocess(loaded.nc, loaded.num_queries)}[task]()
-    return loaded, traced, _script(post)
+        traced = trace_backbone(raw_network(loaded), (640, 640))
+    post = _script(export_task(loaded).postprocessor(loaded))
+    return loaded, YoloPipeline(traced, post, build_metadata(loaded, "yolo", [640, 640], "rect"))
 
 
 @pytest.mark.slow
 def test_rtdetr_yaml_loads_as_rtdetr():
     from ultralytics import RTDETR
 
-    from export.checkpoint import _resolve_source, build_yolo, load_model
+    from export.checkpoint import _resolve_source, build_yolo
+    from export.tasks import load_model
 
     loaded = load_model("rtdetr-l.yaml")
     assert (loaded.task, loaded.head_type, loaded.num_queries, loaded.nc) == ("rtdetr", "RTDETRDecoder", 300, 80)
@@ -422,8 +426,10 @@ def test_trace_runs_at_other_input_sizes(family):
     For RT-DETR this holds only because RTDETRQueries clears the head's anchor cache (see the next test)."""
     from export import verify
 
-    loaded, traced, _ = family
-    diff = verify.check_trace(loaded, traced, [(1, 640, 640), (1, 480, 640), (1, 640, 480), (2, 320, 320)])
+    from export.tasks import raw_network
+
+    loaded, pipeline = family
+    diff = verify.check_trace(raw_network(loaded), pipeline.backbone, [(1, 640, 640), (1, 480, 640), (1, 640, 480), (2, 320, 320)])
     print(f"\n{loaded.task}: trace at 640x640 vs eager at 640x640, 480x640, 640x480, 2x320x320: max abs diff {diff:.2e}")
 
 
@@ -432,7 +438,8 @@ def test_rtdetr_trace_with_a_warm_anchor_cache_still_generalises(family):
     """The head caches anchors per feature size; eager calls at the trace size before tracing must not bake
     them into the trace."""
     from export import verify
-    from export.backbone import raw_network, trace_backbone
+    from export.backbone import trace_backbone
+    from export.tasks import raw_network
 
     loaded = family[0]
     if loaded.task != "rtdetr":
@@ -441,90 +448,137 @@ def test_rtdetr_trace_with_a_warm_anchor_cache_still_generalises(family):
         raw_network(loaded)(torch.rand(1, 3, 640, 640))  # warms head.shapes / head.anchors at 640x640
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = trace_backbone(loaded, (640, 640))
-    assert verify.check_trace(loaded, traced, [(1, 480, 640)]) <= verify.TRACE_TOL
+        traced = trace_backbone(raw_network(loaded), (640, 640))
+    verify.check_trace(raw_network(loaded), traced, [(1, 480, 640)])  # raises above TRACE_TOL
+
+
+def _checks(loaded):
+    from export.tasks import export_task
+
+    return export_task(loaded).checks
 
 
 @pytest.mark.slow
 def test_transform_equals_predictor_pre_transform(family, sample_images):
-    from export import verify_tasks
     from handler.image.decode import decode_image
 
-    loaded = family[0]
+    loaded, pipeline = family
     for path in sample_images:
-        hw = verify_tasks.check_transform(loaded, decode_image(path.read_bytes()), 640)
+        hw = _checks(loaded).transform(loaded, pipeline, decode_image(path.read_bytes()))
+        assert hw == pipeline.transform(decode_image(path.read_bytes()))[0].shape[:2]
         print(f"\n{loaded.task} {path.name}: transform pixel-equal to Ultralytics' pre_transform at {hw}")
+
+
+def _meets_tolerance(task: str, figure: float) -> bool:
+    """A decode or predict figure within its tolerance, and not empty (RT-DETR: detections were compared)."""
+    from export.verify_tasks import DEPTH_P99_REL, SEMANTIC_SHARE
+
+    return {"semantic": figure >= SEMANTIC_SHARE, "depth": 0 <= figure <= DEPTH_P99_REL, "rtdetr": figure > 0}[task]
 
 
 @pytest.mark.slow
 def test_decode_equals_predictor_postprocess(family, sample_images):
-    from export import verify_tasks
-
-    loaded, traced, post = family
+    loaded, pipeline = family
     for path in sample_images:
-        figure = verify_tasks.check_decode(loaded, traced, post, path, 640)
-        print(f"\n{loaded.task} decode {path.name}: {_figure(loaded.task, figure)}")
+        figure = _checks(loaded).decode(loaded, pipeline, path)
+        print(f"\n{loaded.task} decode {path.name}: {_checks(loaded).figure(figure)}")
+        assert _meets_tolerance(loaded.task, figure), figure
+
+
+def _wrong(pipeline, task: str):
+    """The pipeline with a postprocessor that is wrong: semantic maps with every class id one off, depth 1 % deeper,
+    RT-DETR boxes 3 px to the right."""
+    from copy import copy
+
+    post, wrong = pipeline.postprocess, copy(pipeline)
+
+    def postprocess(feats, geometry, *options):
+        a, b, c = post(feats, geometry, *options)
+        if task == "semantic":
+            return torch.where(a == IGNORE, a, (a.long() + 1) % pipeline.nc).to(a.dtype), b, c
+        if task == "depth":
+            return a * 1.01, b, c
+        a = a.clone()
+        a[..., [0, 2]] += 3
+        return a, b, c
+
+    wrong.postprocess = postprocess
+    return wrong
+
+
+@pytest.mark.slow
+def test_the_checks_see_a_wrong_postprocessor(family, sample_images):
+    """What the decode and predict checks are for: a wrong postprocessor fails both."""
+    from export.verify import VerificationError
+
+    loaded, pipeline = family
+    wrong = _wrong(pipeline, loaded.task)
+    for check in (_checks(loaded).decode, _checks(loaded).predict):
+        with pytest.raises(VerificationError):
+            if loaded.task == "rtdetr" and check is _checks(loaded).predict:
+                check(loaded, wrong, sample_images[0], conf=_rtdetr_conf(pipeline, sample_images[0]))
+            else:
+                check(loaded, wrong, sample_images[0])
+
+
+def _rtdetr_conf(pipeline, path) -> float:
+    """A threshold that lets about 100 of the widened model's (query, class) pairs through (its random scores
+    stay below 0.1, under predict's default 0.25)."""
+    from export.verify_tasks import low_query_threshold, served_input
+
+    _, _, x = served_input(pipeline, path)
+    with torch.no_grad():
+        return low_query_threshold(pipeline.backbone(x)[0], pipeline.nc)
 
 
 @pytest.mark.slow
 def test_decode_with_a_class_filter(family, sample_images):
-    from export import verify_tasks
-    from handler.image.decode import decode_image
+    from export.verify_tasks import low_query_threshold, served_input
 
-    loaded, traced, post = family
+    loaded, pipeline = family
     if loaded.task == "depth":
         pytest.skip("depth models have no classes")
     path = sample_images[1]
-    pixels, params = verify_tasks.transform(loaded, decode_image(path.read_bytes()), 640)
+    _, item, x = served_input(pipeline, path)
+    geometry = torch.tensor([item.params.as_row()])
     with torch.no_grad():
-        feats = list(traced(verify_tasks.network_input([pixels])))
-    if loaded.task == "semantic":
-        present = np.unique(post(feats, torch.tensor([params.as_row()]), None)[0].numpy())
-    else:
-        conf = verify_tasks.low_threshold(feats[0], loaded.nc)
-        dets, counts, _ = post(feats, torch.tensor([params.as_row()]), torch.tensor([conf]), torch.tensor([0.7]),
-                               torch.tensor([300]), None, False)
-        present = np.unique(dets[0, : int(counts[0]), 5].numpy().astype(int))
+        feats = list(pipeline.backbone(x))
+        if loaded.task == "semantic":
+            present = np.unique(pipeline.postprocess(feats, geometry, None)[0].numpy())
+        else:
+            conf = low_query_threshold(feats[0], loaded.nc)
+            dets, counts, _ = pipeline.postprocess(feats, geometry, torch.tensor([conf]), torch.tensor([0.7]),
+                                                   torch.tensor([300]), None, False)
+            present = np.unique(dets[0, : int(counts[0]), 5].numpy().astype(int))
     assert len(present) >= 2, f"the widened model predicts only {present}"
     classes = [int(present[0]), int(present[-1])]
-    figure = verify_tasks.check_decode(loaded, traced, post, path, 640, classes=classes)
-    print(f"\n{loaded.task} decode {path.name} classes={classes}: {_figure(loaded.task, figure)}")
+    figure = _checks(loaded).decode(loaded, pipeline, path, classes=classes)
+    print(f"\n{loaded.task} decode {path.name} classes={classes}: {_checks(loaded).figure(figure)}")
+    assert _meets_tolerance(loaded.task, figure), figure
 
 
 @pytest.mark.slow
 def test_pipeline_equals_model_predict(family, sample_images):
-    from export import verify_tasks
-    from handler.image.decode import decode_image
-
-    loaded, traced, post = family
+    loaded, pipeline = family
     for path in sample_images:
-        conf = None
-        if loaded.task == "rtdetr":  # the widened random scores stay below 0.1: a threshold ~100 pass, not all 300
-            pixels, _ = verify_tasks.transform(loaded, decode_image(path.read_bytes()), 640)
-            with torch.no_grad():
-                conf = verify_tasks.low_threshold(traced(verify_tasks.network_input([pixels]))[0], loaded.nc)
-        figure = verify_tasks.check_predict(loaded, traced, post, path, 640, conf=conf)
-        print(f"\n{loaded.task} predict {path.name}: {_figure(loaded.task, figure)}")
         if loaded.task == "rtdetr":
-            assert figure > 0, "nothing to compare: lower conf"
-
-
-def _figure(task: str, figure: float) -> str:
-    return {"semantic": f"{figure:.4%} pixels equal", "depth": f"p99 relative error {figure:.2e}",
-            "rtdetr": f"{int(figure)} detections matched"}[task]
+            figure = _checks(loaded).predict(loaded, pipeline, path, conf=_rtdetr_conf(pipeline, path))
+        else:
+            figure = _checks(loaded).predict(loaded, pipeline, path)
+        print(f"\n{loaded.task} predict {path.name}: {_checks(loaded).figure(figure)}")
+        assert _meets_tolerance(loaded.task, figure), f"{figure}: nothing compared, or out of tolerance"
 
 
 @pytest.mark.slow
 def test_depth_png16_within_one_step_of_the_float_map(family, sample_images):
-    from export import verify_tasks
-    from handler.image.decode import decode_image
+    from export.verify_tasks import served_input
 
-    loaded, traced, post = family
+    loaded, pipeline = family
     if loaded.task != "depth":
         pytest.skip("depth only")
-    pixels, params = verify_tasks.transform(loaded, decode_image(sample_images[0].read_bytes()), 640)
+    _, item, x = served_input(pipeline, sample_images[0])
     with torch.no_grad():
-        depth, sizes, stats = post(list(traced(verify_tasks.network_input([pixels]))), torch.tensor([params.as_row()]))
+        depth, sizes, stats = pipeline.postprocess(list(pipeline.backbone(x)), torch.tensor([item.params.as_row()]))
     d = depth[0, : int(sizes[0, 0]), : int(sizes[0, 1])].numpy()
     png, lo, hi = encode_depth_png16(d)
     err = np.abs(decode_depth_png16(png, lo, hi) - d).max()

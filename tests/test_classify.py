@@ -22,6 +22,7 @@ from handler.request import parse_request
 from handler.tasks import TASKS, task_for
 from handler.tasks.classify import TopK
 from handler.tasks.detect import Thresholds
+from tiers import slow_fixture
 
 CLS_MODELS = ["yolov8n-cls.yaml", "yolo11n-cls.yaml", "yolo26n-cls.yaml"]
 JPEG = b"\xff\xd8\xff\xe0fake"
@@ -123,7 +124,7 @@ def test_top_k_in_every_form_and_detection_parameters_refused():
 # ---------------------------------------------------------------- export + parity with results.probs
 
 
-@pytest.fixture(scope="module", params=CLS_MODELS)
+@slow_fixture(scope="module", params=CLS_MODELS)
 def cls_export(request, tmp_path_factory):
     """Each -cls YAML exported (seed 0) at 224, the size of Ultralytics' -cls checkpoints, with the
     exporter's own checks (trace, transform + softmax, and top-5 against ``results.probs``)."""

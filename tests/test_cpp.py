@@ -25,6 +25,8 @@ from handler.pipeline import YoloPipeline
 from handler.service import YoloService
 from handler.tasks.detect import Thresholds
 
+pytestmark = pytest.mark.slow  # builds the C++ example with CMake
+
 REPO = Path(__file__).resolve().parents[1]
 CPP_DIR = REPO / "examples" / "cpp"
 TOL = 1e-4  # boxes, scores, keypoints: C++ vs the Python pipeline on the same pixels

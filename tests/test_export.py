@@ -17,6 +17,7 @@ from export.tasks import EXPORT_TASKS, raw_network
 from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 from handler.runtime.artifacts import load_artifacts
+from tiers import slow_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ TASK_OF_NAME = {"pose": "pose", "seg": "segment", "obb": "obb"}
 SEEDS = {"yolo11n-seg.yaml": 1}
 
 
-@pytest.fixture(scope="module", params=YAML_MODELS, ids=lambda p: f"{p[0]}-{p[1]}")
+@slow_fixture(scope="module", params=YAML_MODELS, ids=lambda p: f"{p[0]}-{p[1]}")
 def yaml_export(request, tmp_path_factory):
     weights, head = request.param
     out = tmp_path_factory.mktemp(Path(weights).stem)

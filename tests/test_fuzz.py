@@ -23,6 +23,8 @@ from handler.tasks.detect import Thresholds
 from handler.request import IMAGE_FIELDS, PARAMETERS, ROUTING_KEYS, parse_request
 from serving_support import make_context
 
+pytestmark = pytest.mark.slow  # thousands of hypothesis examples
+
 NAMES = ["person", "bicycle", "car"]
 MAX_PIXELS = 1_000_000  # the fuzzed handler's limit: keeps decodes of mutated headers small and fast
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -169,12 +169,6 @@ def detect_export(tmp_path_factory):
     return export_model("yolo11n.yaml", tmp_path_factory.mktemp("detect"), [320, 320], check=False, log=lambda _: None)
 
 
-@pytest.fixture(scope="module")
-def images(sample_images):
-    bus, zidane = (p.read_bytes() for p in sample_images)
-    return {"bus": bus, "zidane": zidane}
-
-
 def encode(image: np.ndarray, ext: str = ".png") -> bytes:
     ok, buf = cv2.imencode(ext, image)
     assert ok
@@ -183,7 +177,7 @@ def encode(image: np.ndarray, ext: str = ".png") -> bytes:
 
 def test_pose_response_schema_and_speed(pose_handler, images):
     h, ctx = pose_handler
-    (body,), statuses = run_batch(h, ctx, [{"body": bytearray(images["bus"])}])
+    (body,), statuses = run_batch(h, ctx, [{"body": bytearray(images["bus.jpg"])}])
     assert statuses == [200]
     check_schema(body, pose=True)
     assert body["model"] == "yolo" and body["task"] == "pose" and body["image"] == {"width": 810, "height": 1080}
@@ -195,13 +189,13 @@ def test_pose_response_schema_and_speed(pose_handler, images):
 
 def test_bad_items_get_their_own_4xx_and_the_rest_still_run(pose_handler, images):
     h, ctx = pose_handler
-    solo, _ = run_batch(h, ctx, [{"body": bytearray(images["zidane"])}])
+    solo, _ = run_batch(h, ctx, [{"body": bytearray(images["zidane.jpg"])}])
     rows = [
-        {"body": bytearray(images["zidane"])},
-        {"body": bytearray(images["bus"][: len(images["bus"]) // 3])},  # truncated JPEG
+        {"body": bytearray(images["zidane.jpg"])},
+        {"body": bytearray(images["bus.jpg"][: len(images["bus.jpg"]) // 3])},  # truncated JPEG
         {"body": bytearray(b"GIF89a....")},
-        {"body": bytearray(images["zidane"]), "conf": bytearray(b"nope")},
-        {"image": bytearray(images["zidane"])},
+        {"body": bytearray(images["zidane.jpg"]), "conf": bytearray(b"nope")},
+        {"image": bytearray(images["zidane.jpg"])},
     ]
     out, statuses = run_batch(h, ctx, rows)
     assert len(out) == len(rows)
@@ -225,7 +219,7 @@ def test_an_unexpected_error_fails_only_its_own_request(pose_handler, images, mo
 
     monkeypatch.setattr(h.service.pipeline, "prepare", prepare)
     with caplog.at_level(logging.ERROR, logger="handler.service"):
-        out, statuses = run_batch(h, ctx, [{"body": bytearray(images["zidane"])}, {"body": bytearray(images["bus"])}])
+        out, statuses = run_batch(h, ctx, [{"body": bytearray(images["zidane.jpg"])}, {"body": bytearray(images["bus.jpg"])}])
     assert statuses == [500, 200]
     assert out[0] == {"error": {"type": "internal_error", "message": "unexpected error while reading the request"}}
     assert "simulated bug" in caplog.text and "Traceback" in caplog.text
@@ -238,10 +232,10 @@ def test_too_many_pixels_is_413(pose_export, images):
     ctx = make_context(pose_export.out_dir, {"warmup": 0, "max_image_pixels": 810 * 1080 - 1})
     h = YoloHandler()
     h.initialize(ctx)
-    out, statuses = run_batch(h, ctx, [{"body": bytearray(images["bus"])}, {"body": bytearray(images["zidane"])}])
+    out, statuses = run_batch(h, ctx, [{"body": bytearray(images["bus.jpg"])}, {"body": bytearray(images["zidane.jpg"])}])
     assert statuses == [413, 413]  # 810x1080 and 1280x720 are both above 810*1080-1
     assert out[0]["error"]["type"] == "image_too_large" and "limit is 874799" in out[0]["error"]["message"]
-    small = encode(cv2.resize(cv2.imdecode(np.frombuffer(images["bus"], np.uint8), cv2.IMREAD_COLOR), (405, 540)))
+    small = encode(cv2.resize(cv2.imdecode(np.frombuffer(images["bus.jpg"], np.uint8), cv2.IMREAD_COLOR), (405, 540)))
     _, statuses = run_batch(h, ctx, [{"body": bytearray(small)}])
     assert statuses == [200]
 
@@ -249,14 +243,14 @@ def test_too_many_pixels_is_413(pose_export, images):
 def test_result_does_not_depend_on_the_batch(pose_handler, images):
     """The same image alone, and inside a batch of mixed sizes and thresholds, gives the same answer."""
     h, ctx = pose_handler
-    bus = cv2.imdecode(np.frombuffer(images["bus"], np.uint8), cv2.IMREAD_COLOR)
+    bus = cv2.imdecode(np.frombuffer(images["bus.jpg"], np.uint8), cv2.IMREAD_COLOR)
     gray_small = encode(cv2.cvtColor(cv2.resize(bus, (300, 200)), cv2.COLOR_BGR2GRAY))
-    alone = [run_batch(h, ctx, [{"body": bytearray(b)}])[0][0] for b in (images["bus"], images["zidane"])]
+    alone = [run_batch(h, ctx, [{"body": bytearray(b)}])[0][0] for b in (images["bus.jpg"], images["zidane.jpg"])]
     rows = [
-        {"body": bytearray(images["zidane"])},
+        {"body": bytearray(images["zidane.jpg"])},
         {"body": bytearray(gray_small), "conf": bytearray(b"0.05")},
-        {"body": bytearray(images["bus"])},
-        {"body": bytearray(images["bus"]), "max_det": bytearray(b"1")},
+        {"body": bytearray(images["bus.jpg"])},
+        {"body": bytearray(images["bus.jpg"]), "max_det": bytearray(b"1")},
     ]
     out, statuses = run_batch(h, ctx, rows)
     assert statuses == [200] * 4
@@ -272,7 +266,7 @@ def test_keypoints_only_for_pose(detect_export, images):
     ctx = make_context(detect_export.out_dir, {"warmup": 0, "conf": 0.0, "max_det": 5})
     h = YoloHandler()
     h.initialize(ctx)
-    (body,), statuses = run_batch(h, ctx, [{"body": bytearray(images["bus"])}])
+    (body,), statuses = run_batch(h, ctx, [{"body": bytearray(images["bus.jpg"])}])
     assert statuses == [200] and body["task"] == "detect"
     assert len(body["detections"]) == 5  # random weights, conf 0: top 5 of all candidates
     check_schema(body, pose=False)
@@ -338,7 +332,7 @@ def test_handle_returns_compact_json_text_with_its_content_type(pose_handler, im
     """The handler encodes each answer itself (TorchServe would json.dumps a dict with indent=2)."""
     h, ctx = pose_handler
     ctx.request_processor = [RequestProcessor({"body": {"content-type": "image/jpeg"}}) for _ in range(2)]
-    texts = h.handle([{"body": bytearray(images["bus"])}, {"body": bytearray(b"not an image")}], ctx)
+    texts = h.handle([{"body": bytearray(images["bus.jpg"])}, {"body": bytearray(b"not an image")}], ctx)
     assert all(isinstance(t, str) for t in texts)
     assert "\n" not in texts[0] and ", " not in texts[0]  # compact separators (the detections hold no strings with ", ")
     assert [json.loads(t).keys() >= {"error"} for t in texts] == [False, True]

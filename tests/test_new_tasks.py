@@ -38,6 +38,7 @@ from handler.encoding.dense import (
 )
 from handler.image.letterbox import letterbox
 from handler.image.stretch import stretch, stretch_params
+from tiers import slow_fixture
 
 
 def _script(module: torch.nn.Module) -> torch.jit.ScriptModule:
@@ -368,7 +369,7 @@ def _save_fp32(yolo, path: Path) -> None:
     torch.save({**yolo.ckpt, "ema": None, "model": deepcopy(yolo.model).float(), "version": ultralytics.__version__}, str(path))
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
+@slow_fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
 def family(request, tmp_path_factory, sample_images):
     """(LoadedModel, the served pipeline of its traced backbone and scripted postprocessor) of a widened seeded
     model saved as a .pt."""

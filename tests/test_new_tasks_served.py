@@ -19,11 +19,12 @@ from test_new_tasks import FAMILIES, SEED, _save_fp32, _widen_outputs
 from export.verify import Tolerance, compare_detections
 from handler.encoding.dense import decode_class_map_png, decode_depth_png16, decode_float32, depth_step
 from tools.client import decode_rle
+from tiers import slow_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
+@slow_fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
 def served(request, tmp_path_factory, sample_images):
     """(task, checkpoint, running server) for each family, exported and archived by the CLI itself."""
     from export.__main__ import main as export_main

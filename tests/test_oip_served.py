@@ -43,11 +43,6 @@ def server(tmp_path_factory, pose_export):
 
 
 @pytest.fixture(scope="module")
-def images(sample_images) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sample_images}
-
-
-@pytest.fixture(scope="module")
 def solo(server, images) -> dict[str, dict]:
     """Each image sent alone through /predictions (the plain API), the reference for every v2 answer."""
     out = {}

@@ -24,11 +24,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def images(sample_images) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sample_images}
-
-
-@pytest.fixture(scope="module")
 def store(pose_export, tmp_path_factory):
     return build_test_store(pose_export.out_dir, tmp_path_factory, "reliability_store", {"torch_threads": 1, "warmup": 1})
 

@@ -15,6 +15,7 @@ import requests
 from tools.server import REPO_CONFIG, TorchServe, running_server
 from tools.client import is_token_rejected, predict_with_key_file, renew_token
 from serving_support import build_test_store
+from tiers import slow_fixture
 
 HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
 EXPIRY_MIN = 0.1  # 6 s: TorchServe reads token_expiration_min as a decimal number of minutes
@@ -126,7 +127,7 @@ def test_export_warns_that_a_pt_checkpoint_is_unpickled(tmp_path, capsys):
 # ---------------------------------------------------------------- a real TorchServe: tokens and the model API
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def short_key_server(pose_export, tmp_path_factory):
     """The shipped config with keys that expire after 6 s. Readiness polling renews the management key
     with the API key whenever it has expired: the recovery path the client uses for the inference key."""

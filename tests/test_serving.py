@@ -55,11 +55,6 @@ def server(model_store, tmp_path_factory):
         yield s
 
 
-@pytest.fixture(scope="session")
-def images(sample_images) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sample_images}
-
-
 def post_raw(server, data: bytes, content_type="image/jpeg", **kw) -> requests.Response:
     return requests.post(server.predictions_url, data=data, headers={**server.headers(), "Content-Type": content_type}, timeout=60, **kw)
 

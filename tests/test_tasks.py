@@ -30,6 +30,7 @@ from handler.tasks import task_for
 from handler.tasks.detect import Thresholds
 from tools.client import decode_rle, draw
 from tools.server import running_server
+from tiers import slow_fixture
 
 mask_api = pytest.importorskip("pycocotools.mask", reason="pycocotools (the test extra) proves RLE compatibility")
 # pycocotools 2.0 decodes through a numpy-1 __array__ signature; numpy 2 warns on every call
@@ -102,12 +103,12 @@ def test_bad_polygons_parameter_is_rejected(row):
 # ---------------------------------------------------------------- exported models
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def seg_export(tmp_path_factory):
     return export_model("yolov8n-seg.yaml", tmp_path_factory.mktemp("seg"), [640, 640], check=False, log=lambda _: None)
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def obb_export(tmp_path_factory):
     return export_model("yolo11n-obb.yaml", tmp_path_factory.mktemp("obb"), [640, 640], check=False, log=lambda _: None)
 

@@ -42,6 +42,9 @@ from handler.errors import ModelLoadFailed
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_CONFIG = REPO_ROOT / "config.properties"
 PID_FILE = ".model_server.pid"  # in TMPDIR, written by the torchserve launcher
+# Set (to the reason) where no TorchServe may start: tests/conftest.py sets it for the fast tier's tests, so that
+# one that starts a server, in process or in a command it runs, fails at once instead of slowing the tier down.
+NO_SERVER_ENV = "YOLO_TS_NO_SERVER"
 KEY_FILE = "key_file.json"  # in the server's working directory
 MERGED_CONFIG = Path("tmp") / "yolo-ts-serve.properties"  # in the working directory: the config TorchServe starts with
 LAUNCHER_LOG = Path("logs") / "launcher.log"  # in the working directory: the torchserve launcher's own output
@@ -360,6 +363,8 @@ def start_server(
     ``block_ultralytics=True`` puts a ``sitecustomize.py`` on the server's ``PYTHONPATH`` that makes
     any ``import ultralytics`` raise ImportError, in the frontend's Python launcher and in the workers.
     """
+    if os.environ.get(NO_SERVER_ENV):
+        raise ServerError(f"TorchServe may not start here: {os.environ[NO_SERVER_ENV]}")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     props = workdir / MERGED_CONFIG

@@ -244,9 +244,9 @@ def summarize_load(
 
 def mixed_batch_count(log: str) -> int:
     """Batches in the worker log that served some requests and rejected others."""
-    import re
+    from handler.yolo_handler import batches_in_log
 
-    return sum(1 for n, served in re.findall(r"batch of (\d+) request\(s\): (\d+) served", log) if 0 < int(served) < int(n))
+    return sum(1 for n, served in batches_in_log(log) if 0 < served < n)
 
 
 def load_test(

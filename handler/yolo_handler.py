@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,14 @@ METRIC_POSTPROCESS = "YoloPostprocessTime"
 METRIC_BATCH_SIZE = "YoloBatchSize"
 METRIC_CPU_FALLBACK = "YoloCpuFallback"  # 1 when a GPU worker serves on CPU (handler.cpu_fallback)
 METRIC_LOAD_FAILED = "YoloModelLoadFailed"  # per version: 1 when the model failed to load for good (FailedModel), 0 when it loaded
+# One log line per batch (TorchServe's model_log.log): requests, those served, the forwards. batches_in_log reads it.
+BATCH_LOG = "batch of %d request(s): %d served, forwards (n, h, w) %s"
+_BATCH_LOG_LINE = re.compile(r"batch of (\d+) request\(s\): (\d+) served")
+
+
+def batches_in_log(log: str) -> list[tuple[int, int]]:
+    """``(requests, served)`` of each batch a worker log holds (the tests and benchmarks read batching from it)."""
+    return [(int(n), int(served)) for n, served in _BATCH_LOG_LINE.findall(log)]
 
 
 class YoloHandler(BaseHandler):
@@ -126,7 +135,7 @@ class YoloHandler(BaseHandler):
             [_all_headers(context, idx) for idx in range(len(data))],
         )
         texts = _respond(context, batch.answers)
-        logger.info("batch of %d request(s): %d served, forwards (n, h, w) %s", len(data), batch.served, batch.times.forwards)
+        logger.info(BATCH_LOG, len(data), batch.served, batch.times.forwards)
         _record(context, METRIC_BATCH_SIZE, len(data), unit="count")
         if batch.served:
             _record(context, METRIC_PREPROCESS, batch.preprocess_ms)

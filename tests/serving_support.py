@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +60,37 @@ def check_schema(body: dict, pose: bool) -> None:
             assert len(d["keypoints"]) == 17 and all(len(k) == 3 for k in d["keypoints"])
 
 
-def build_test_store(export_dir, tmp_path_factory, name: str, handler_settings: dict):
-    """``yolo.mar`` with ``handler_settings`` in a fresh model store (``build_archive`` gives the archiver
-    a private TMPDIR, so parallel builds never share its staging directory)."""
+def build_test_store(export_dir, tmp_path_factory, name: str, handler_settings: dict | None = None,
+                     torchserve_settings: dict | None = None):
+    """``yolo.mar`` with ``handler_settings`` (and TorchServe's own keys ``torchserve_settings``, e.g.
+    ``maxBatchDelay``, written into a copy of the export) in a fresh model store (``build_archive`` gives the
+    archiver a private TMPDIR, so parallel builds never share its staging directory)."""
+    import yaml
+
     from export.archive import build_archive
+    from handler.contract import MODEL_CONFIG_FILE
 
     store = tmp_path_factory.mktemp(name)
-    build_archive(export_dir, "yolo", store, handler_settings=handler_settings)
+    if torchserve_settings:
+        copy = tmp_path_factory.mktemp(f"{name}_export")
+        shutil.copytree(export_dir, copy, dirs_exist_ok=True)
+        (copy / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(torchserve_settings))
+        export_dir = copy
+    build_archive(export_dir, "yolo", store, handler_settings=handler_settings, keep_user_config=bool(torchserve_settings))
     return store
+
+
+def logged_batches(server, log_start: int, requests: int, timeout: float = 30.0) -> list[tuple[int, int]]:
+    """``(requests, served)`` of each batch in the worker log after ``log_start``, once the batches of
+    ``requests`` requests are there: the frontend writes a worker's log lines a little after the answers."""
+    from handler.yolo_handler import batches_in_log
+
+    deadline = time.monotonic() + timeout
+    while True:
+        batches = batches_in_log(server.model_log()[log_start:])
+        if sum(n for n, _ in batches) >= requests or time.monotonic() > deadline:
+            return batches
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- the handler with a fake context

@@ -24,11 +24,11 @@ from handler.image.letterbox import letterbox
 from handler.pipeline import YoloPipeline
 from handler.service import YoloService
 from handler.tasks.detect import Thresholds
+from tools.server import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # builds the C++ example with CMake
 
-REPO = Path(__file__).resolve().parents[1]
-CPP_DIR = REPO / "examples" / "cpp"
+CPP_DIR = REPO_ROOT / "examples" / "cpp"
 TOL = 1e-4  # boxes, scores, keypoints: C++ vs the Python pipeline on the same pixels
 
 

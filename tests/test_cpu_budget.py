@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from handler.runtime.cpu_budget import CpuBudget, auto_threads, cpu_budget, threads_per_worker, tightest_quota
+from tools.server import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Prints the budget a fresh process sees with the real /sys/fs/cgroup and /proc/self/cgroup.
 _PRINT_BUDGET = """

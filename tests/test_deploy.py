@@ -46,10 +46,10 @@ from tools.kserve_store import (
     with_snapshot,
     wrapper_view,
 )
+from tools.server import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy"
-SHIPPED_CONFIG = REPO / "config.properties"
+DEPLOY = REPO_ROOT / "deploy"
+SHIPPED_CONFIG = REPO_ROOT / "config.properties"
 KSERVE_CONFIG = DEPLOY / "kserve" / "config.properties"
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
 READY = DEPLOY / "ready.py"
@@ -155,7 +155,7 @@ def test_kubernetes_objects_validate_against_the_bundled_schemas():
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{path.relative_to(REPO)} ({doc['kind']}): {e.message} at {list(e.path)}")
+            pytest.fail(f"{path.relative_to(REPO_ROOT)} ({doc['kind']}): {e.message} at {list(e.path)}")
         checked += 1
     assert checked >= 5
 
@@ -374,7 +374,7 @@ def test_kserve_store_cli_builds_the_layout(tmp_path):
     mar = fake_mar(tmp_path / "in" / "yolo.mar", config_yaml="minWorkers: 2\nmaxWorkers: 3\nbatchSize: 8\nmaxBatchDelay: 5\nresponseTimeout: 30\n")
     out = tmp_path / "layout"
     proc = subprocess.run([sys.executable, "-m", "tools.kserve_store", "--mar", str(mar), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (out / "model-store" / "yolo.mar").read_bytes() == mar.read_bytes()
     written = (out / "config" / "config.properties").read_text()
@@ -408,7 +408,7 @@ def test_kserve_store_names_the_model_from_the_archive(tmp_path):
 def test_kserve_store_refuses_bad_archives_with_exit_2(tmp_path, make, message):
     mar = make(tmp_path / "yolo.mar")
     proc = subprocess.run([sys.executable, "-m", "tools.kserve_store", "--mar", str(mar), "--out", str(tmp_path / "o")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
@@ -447,7 +447,7 @@ def test_requirements_cover_everything_the_worker_imports():
     """The image installs torch + deploy/requirements.txt; a new import in handler/ must land there too."""
     required = {re.split(r"[=<>~! \[]", line.strip(), maxsplit=1)[0].lower()
                 for line in REQUIREMENTS.read_text().splitlines() if line.strip() and not line.startswith("#")}
-    imports = _third_party_imports(REPO / "handler")
+    imports = _third_party_imports(REPO_ROOT / "handler")
     assert "torch" in imports and "ts" in imports
     for name in sorted(imports - {"torch"}):
         assert name in _IMPORT_TO_REQUIREMENT, f"handler/ imports {name!r}: add it to deploy/requirements.txt and this map"
@@ -484,7 +484,7 @@ def test_dockerfile_copies_files_that_exist_and_are_in_the_build_context():
                 if src.rstrip("/") == "model_store":
                     assert "model_store/*.mar" in included  # the user's archive, not in git
                     continue
-                assert (REPO / src).is_file(), f"{dockerfile.name} copies {src}, which does not exist"
+                assert (REPO_ROOT / src).is_file(), f"{dockerfile.name} copies {src}, which does not exist"
                 assert src in included, f"{src} is not in {dockerfile.name}.dockerignore's context"
 
 
@@ -937,7 +937,7 @@ def test_kserve_layout_serves_without_token_and_without_the_envelope(tmp_path, d
 
     layout = tmp_path / "layout"
     proc = subprocess.run([sys.executable, "-m", "tools.kserve_store", "--mar", str(deploy_store), "--out", str(layout)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     with running_layout_server(layout, tmp_path / "server") as server:
         (model,) = requests.get(f"{server.management_url}/models/yolo", timeout=30).json()

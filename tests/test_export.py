@@ -18,8 +18,8 @@ from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
 from handler.runtime.artifacts import load_artifacts
 from tiers import slow_fixture
+from tools.server import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 
 # (weights, --head): seeded YAML builds of each architecture; YOLO26 with both of its heads.
 YAML_MODELS = [
@@ -126,7 +126,7 @@ def test_a_wrong_postprocessor_fails_the_check(pose_weights, tmp_path, monkeypat
     assert "does not match Ultralytics" in err and "keypoint" in err
 
 
-def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "export", *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )

@@ -17,8 +17,8 @@ import pytest
 
 from tools.client import KEY_FILE_STALE, draw, label_origin
 from tools.client import main as client_main
+from tools.server import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------- labels
@@ -136,11 +136,11 @@ def test_a_wheel_built_after_an_export_holds_only_our_packages(tmp_path):
     into a wheel: only export, handler (with its subpackages), bench and tools are inside, and the
     console scripts point at them."""
     src = tmp_path / "src"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
     for f in filter(None, files):
-        if (REPO / f).is_file():
+        if (REPO_ROOT / f).is_file():
             (src / f).parent.mkdir(parents=True, exist_ok=True)
-            (src / f).write_bytes((REPO / f).read_bytes())
+            (src / f).write_bytes((REPO_ROOT / f).read_bytes())
     staged = src / "exports" / "yolo" / "code" / "handler"
     staged.mkdir(parents=True)
     (staged / "__init__.py").write_text("")

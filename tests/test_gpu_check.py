@@ -6,23 +6,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tools.server import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["environment", "artifacts", "tests", "letterbox", "fp32", "fp16", "gpu_decode", "throughput", "gpu_id", "batch_delay"]
 
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_end_to_end(tmp_path):
     exports, out = tmp_path / "exports", tmp_path / "out"
-    subprocess.run([sys.executable, "-m", "bench.gpu_prepare", "--out", str(exports), "--no-wheels"], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "bench.gpu_prepare", "--out", str(exports), "--no-wheels"], cwd=REPO_ROOT, check=True,
                    capture_output=True, text=True, timeout=900)
     manifest = json.loads((exports / "manifest.json").read_text())
     assert set(manifest["models"]) == {"pose", "cls"} and len(manifest["images"]) == 3
     done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--exports", str(exports), "--out", str(out), "--device", "cpu",
-                           "--quick", "--pytest-k", "config"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--quick", "--pytest-k", "config"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "gpu_check.json").read_text())
     assert set(SECTIONS) <= set(result)

@@ -7,7 +7,6 @@ import ast
 import base64
 import json
 import logging
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,8 +19,9 @@ from handler.errors import InvalidImage, InvalidParameter, UnsupportedMediaType
 from handler.request import parse_request
 from handler.tasks import task_for
 from handler.tasks.detect import Thresholds
+from tools.server import REPO_ROOT
 
-HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
+HANDLER_DIR = REPO_ROOT / "handler"
 COCO_NAMES = ["person", "bicycle", "car"]
 JPEG = b"\xff\xd8\xff\xe0fake"
 

@@ -7,17 +7,16 @@ import ast
 import json
 import pickle
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from tools.server import REPO_CONFIG, TorchServe, running_server
+from tools.server import REPO_CONFIG, REPO_ROOT, TorchServe, running_server
 from tools.client import is_token_rejected, predict_with_key_file, renew_token
 from serving_support import build_test_store
 from tiers import slow_fixture
 
-HANDLER_DIR = Path(__file__).resolve().parent.parent / "handler"
+HANDLER_DIR = REPO_ROOT / "handler"
 EXPIRY_MIN = 0.1  # 6 s: TorchServe reads token_expiration_min as a decimal number of minutes
 
 

@@ -12,7 +12,6 @@ import base64
 import re
 import subprocess
 import sys
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,12 +25,9 @@ from export.archive import build_archive
 from tools.server import REPO_ROOT, prometheus_metric_names, running_server
 from export.verify import Tolerance, compare_detections, ultralytics_predict
 from handler.tasks.detect import Thresholds
-from serving_support import assert_same_response, check_schema, response_rows
+from serving_support import assert_same_response, check_schema, logged_batches, response_rows
 
 pytestmark = pytest.mark.integration
-
-BATCH_LINE = re.compile(r"batch of (\d+) request\(s\): (\d+) served")
-
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory, pose_export) -> Path:
@@ -167,8 +163,7 @@ def test_concurrent_requests_are_batched_and_unchanged(server, images):
     for name, r in results:
         assert r.status_code == 200, r.text
         assert_same_response(r.json(), solo[name])
-    time.sleep(0.5)  # the worker log is flushed by the frontend
-    sizes = [int(m.group(1)) for m in BATCH_LINE.finditer(server.model_log()[log_start:])]
+    sizes = [n for n, _ in logged_batches(server, log_start, len(order))]
     assert sum(sizes) == len(order), sizes
     assert max(sizes) > 1, f"no batch of more than one request observed: {sizes}"
     assert max(sizes) <= 4

@@ -26,6 +26,7 @@ from ultralytics.utils import YAML, IterableSimpleNamespace  # noqa: E402
 
 from handler.tracking import BotSortParams, ByteTrackParams, Detections, create_tracker, kalman, matching, tracker_params  # noqa: E402  # noqa: E402
 from handler.tracking.gmc import GlobalMotion  # noqa: E402
+from tools.server import REPO_ROOT  # noqa: E402
 
 TRACKER_YAML = Path(ultralytics.__file__).parent / "cfg" / "trackers"
 
@@ -456,4 +457,4 @@ def test_tracking_does_not_import_ultralytics():
     import sys
 
     code = "import sys, handler.tracking; sys.exit('ultralytics' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -29,7 +28,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from serving_support import check_schema
+from serving_support import check_schema, logged_batches
 
 from export.archive import build_archive
 from handler.tracking.matching import box_iou
@@ -40,7 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 TRACKERS = ("bytetrack", "botsort")
 MAX_STREAMS = 3
 TOGETHER_FRAMES = 28  # the two-stream run: past the crossing (A over B in frames 21-26) and the birth (24)
-BATCH_LINE = re.compile(r"batch of (\d+) request\(s\): (\d+) served")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +164,7 @@ def test_two_streams_at_once_give_each_streams_answers_alone(server, frames, alo
             ids_b, boxes_b, _ = served_rows(b)
             assert ids_a == ids_b, f"{name} frame {f}: {ids_a} together, {ids_b} alone"
             assert len(boxes_a) == 0 or np.abs(boxes_a - boxes_b).max() <= 0.05, f"{name} frame {f}"
-    batches = [int(n) for n, _ in BATCH_LINE.findall(server.model_log()[log_start:])]
+    batches = [n for n, _ in logged_batches(server, log_start, 2 * TOGETHER_FRAMES)]
     print(f"two streams at once: {len(batches)} batches, {sum(n > 1 for n in batches)} with frames of both streams")
 
 

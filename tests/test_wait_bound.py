@@ -31,10 +31,9 @@ import yaml
 
 from export.archive import model_config_yaml
 from serving_support import wrapped_archive
-from tools.server import PORT_KEYS, REPO_CONFIG, TorchServe, free_ports, server_env, server_properties
+from tools.server import PORT_KEYS, REPO_CONFIG, REPO_ROOT, TorchServe, free_ports, server_env, server_properties
 from wrapped_handlers.failing_load_handler import MESSAGE as LOAD_ERROR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = "yolo"  # the shipped TorchServe keys (export/archive.py), a load that fails on an I/O error
 TICKET = "yolo_ticket"  # the same plus the opt-in useJobTicket: true
 CLIENT_TIMEOUT_S = 5.0  # the bound with the shipped settings: the client's --timeout

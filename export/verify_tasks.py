@@ -38,7 +38,7 @@ from export.verify import Checks, Tolerance, VerificationError, compare_detectio
 from handler.image.decode import decode_image
 from handler.image.letterbox import target_hw
 from handler.pipeline import YoloPipeline
-from handler.tasks.base import Prepared
+from handler.tasks.base import PreparedImage
 from handler.tasks.detect import Thresholds
 
 SEMANTIC_SHARE = 0.995  # share of pixels equal to results.semantic_mask
@@ -125,14 +125,14 @@ def class_mask(classes: Sequence[int] | None, nc: int) -> Tensor | None:
     return mask
 
 
-def served_input(pipeline: YoloPipeline, image_path: Path) -> tuple[np.ndarray, Prepared, Tensor]:
+def served_input(pipeline: YoloPipeline, image_path: Path) -> tuple[np.ndarray, PreparedImage, Tensor]:
     """One image file as served: ``(decoded uint8[H, W, 3] BGR, its prepared item, float32[1, 3, h, w] network input)``."""
     image = decode_image(Path(image_path).read_bytes())
     item = pipeline.prepare(image)
     return image, item, pipeline.network_input([item])
 
 
-def _postprocess(pipeline: YoloPipeline, feats: list[Tensor], item: Prepared, *options):
+def _postprocess(pipeline: YoloPipeline, feats: list[Tensor], item: PreparedImage, *options):
     """The scripted postprocessor on one image's backbone output, with its geometry and ``options``."""
     with torch.no_grad():
         return pipeline.postprocess(feats, torch.tensor([item.params.as_row()], dtype=torch.float32), *options)

@@ -32,16 +32,23 @@ from handler.config import PREPROCESS_MODES
 from handler.image import letterbox_torch
 from handler.runtime.artifacts import load_artifacts
 from handler.runtime.overlap import SideStream, Staged, run_groups
-from handler.tasks import Prepared, Task, task_for
+from handler.tasks import PreparedImage, Task, task_for
 from handler.tasks.base import Placement
 
 
 @dataclass
 class StageTimes:
-    """Milliseconds spent per stage for one call of :meth:`YoloPipeline.infer`."""
+    """Milliseconds spent per stage for one call of :meth:`YoloPipeline.infer`.
 
-    inference: float = 0.0
-    postprocess: float = 0.0
+    ``inference`` is everything but the postprocessor: making each group's network input (the BGR -> RGB swap
+    and / 255; with ``preprocess: device`` also the upload and the letterbox on the device), the backbone
+    forwards, and waiting for them. On CUDA the next group's input is made on a side stream while a forward
+    runs, so the two overlap and cannot be timed apart; the response's ``speed_ms.inference`` and the
+    ``YoloInferenceTime`` metric are this figure. The request's own decode and transform (``preprocess: cpu``)
+    are ``speed_ms.preprocess``, timed by the service."""
+
+    inference: float = 0.0  # network inputs + backbone forwards (see above)
+    postprocess: float = 0.0  # the scripted postprocessor and the task's unpacking of its outputs
     forwards: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, H, W) of each backbone call
 
 
@@ -101,7 +108,7 @@ class YoloPipeline:
     def nc(self) -> int:
         return len(self.names)
 
-    def prepare(self, image: np.ndarray, options: Any = None) -> Prepared:
+    def prepare(self, image: np.ndarray, options: Any = None) -> PreparedImage:
         """Transform one ``uint8[H, W, 3]`` BGR image. ``options``: the task's postprocessor options,
         already validated (the request parser validates them); None: the task's defaults.
 
@@ -109,9 +116,9 @@ class YoloPipeline:
         itself, transformed on the device by :meth:`infer` (use :meth:`network_input`, not :meth:`to_input`)."""
         options = self.task.default_options() if options is None else options
         if self.placement is not None:
-            return Prepared(image, self.placement((int(image.shape[0]), int(image.shape[1]))), options)
+            return PreparedImage(image, self.placement((int(image.shape[0]), int(image.shape[1]))), options)
         pixels, params = self.transform(image)
-        return Prepared(pixels, params, options)
+        return PreparedImage(pixels, params, options)
 
     def to_input(self, pixels: list[np.ndarray]) -> Tensor:
         """``n x uint8[H, W, 3]`` BGR -> ``float[n, 3, H, W]`` RGB 0..1 on the device.
@@ -144,15 +151,15 @@ class YoloPipeline:
         np.copyto(host.numpy(), image)
         return host.to(self.device, non_blocking=True)
 
-    def _input_hw(self, item: Prepared) -> tuple[int, int]:
+    def _input_hw(self, item: PreparedImage) -> tuple[int, int]:
         """The network input shape of a prepared item (its batch group): its pixels' shape, or with
         ``preprocess="device"`` the shape its geometry says the device letterbox makes."""
         if self.placement is not None:
             return item.params.input_h, item.params.input_w
         return item.pixels.shape[:2]
 
-    def network_input(self, items: list[Prepared]) -> Tensor:
-        """Prepared items of one input shape -> ``float[n, 3, H, W]`` RGB 0..1 on the device, in either
+    def network_input(self, items: list[PreparedImage]) -> Tensor:
+        """PreparedImage items of one input shape -> ``float[n, 3, H, W]`` RGB 0..1 on the device, in either
         preprocess mode (:meth:`to_input` of their pixels, or the device letterbox of their images)."""
         if self.placement is None:
             return self.to_input([it.pixels for it in items])
@@ -162,7 +169,7 @@ class YoloPipeline:
             letterbox_torch.place(self.upload(it.pixels), it.params, out=batch[j])
         return letterbox_torch.to_network_input(batch, self.half)
 
-    def infer(self, items: list[Prepared]) -> tuple[list[Any], StageTimes]:
+    def infer(self, items: list[PreparedImage]) -> tuple[list[Any], StageTimes]:
         """Run prepared images; returns one task output per image, on CPU (``Detections`` for the
         detection family, ``TopClasses`` for classify), and the stage times."""
         times = StageTimes()

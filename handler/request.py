@@ -36,10 +36,9 @@ from typing import Any, Sequence
 from handler import video
 from handler.errors import InvalidImage, InvalidParameter, UnsupportedMediaType
 from handler.request_values import text
-from handler.tasks import ALL_PARAMETERS, ResponseOptions, Task
+from handler.tasks import TASK_PARAMETERS, ResponseOptions, Task
 
 IMAGE_FIELDS: tuple[str, ...] = ("image", "data", "file")  # multipart fields that may carry the image
-PARAMETERS: tuple[str, ...] = ALL_PARAMETERS
 # Query parameters TorchServe itself uses for routing (``POST /invocations?model_name=yolo``).
 ROUTING_KEYS: tuple[str, ...] = ("model_name",)
 _HOW_TO_SEND = (
@@ -61,7 +60,7 @@ class ParsedRequest:
 
 def _only_own(params: dict[str, Any], task: Task) -> None:
     """A parameter of another task is a 400 that says which ones this model takes."""
-    other = [k for k in PARAMETERS if k in params and k not in task.parameters]
+    other = [k for k in TASK_PARAMETERS if k in params and k not in task.parameters]
     if other:
         raise InvalidParameter(f"parameter(s) {other} {task.foreign}; this model's parameters are {list(task.parameters)}")
 
@@ -94,11 +93,11 @@ def parse_request(
     """
     if not isinstance(row, dict):
         raise UnsupportedMediaType(f"unexpected request layout; {_HOW_TO_SEND}")
-    params = {k: text(k, v) for k, v in row.items() if k in PARAMETERS}
-    stream_params = {k: text(k, v) for k, v in row.items() if k in video.PARAMETERS}
+    params = {k: text(k, v) for k, v in row.items() if k in TASK_PARAMETERS}
+    stream_params = {k: text(k, v) for k, v in row.items() if k in video.VIDEO_PARAMETERS}
     image_keys = [k for k in row if k == "body" or k in IMAGE_FIELDS]
     unknown = [
-        str(k)[:40] for k in row if k not in PARAMETERS and k not in video.PARAMETERS and k not in ROUTING_KEYS and k not in image_keys
+        str(k)[:40] for k in row if k not in TASK_PARAMETERS and k not in video.VIDEO_PARAMETERS and k not in ROUTING_KEYS and k not in image_keys
     ]
     if len(image_keys) > 1:
         raise InvalidParameter(f"the request carries more than one image ({image_keys}); send one")
@@ -111,7 +110,7 @@ def parse_request(
             raise UnsupportedMediaType(f"no image found; {_HOW_TO_SEND}")
         raise InvalidImage(f"the request has no image; {_HOW_TO_SEND}")
     if unknown:
-        raise InvalidParameter(f"unknown parameter(s) {sorted(unknown)}; the parameters are {list(PARAMETERS)}")
+        raise InvalidParameter(f"unknown parameter(s) {sorted(unknown)}; the parameters are {list(TASK_PARAMETERS)}")
     _only_own(params, task)
     base = tracked_defaults if stream is not None and tracked_defaults is not None else defaults
     options, response = task.options(params, base, names)
@@ -133,10 +132,10 @@ def _image_from(key: str, value: Any, params: dict[str, Any], content_type: str 
 
 
 def _image_from_json(body: dict, params: dict[str, Any], stream_params: dict[str, Any]) -> bytes | None:
-    unknown = sorted(set(body) - set(PARAMETERS) - set(video.PARAMETERS) - {"image"})
+    unknown = sorted(set(body) - set(TASK_PARAMETERS) - set(video.VIDEO_PARAMETERS) - {"image"})
     if unknown:
-        raise InvalidParameter(f"unknown JSON field(s) {unknown}; the fields are {['image', *PARAMETERS]}")
-    for keys, into in ((PARAMETERS, params), (video.PARAMETERS, stream_params)):
+        raise InvalidParameter(f"unknown JSON field(s) {unknown}; the fields are {['image', *TASK_PARAMETERS]}")
+    for keys, into in ((TASK_PARAMETERS, params), (video.VIDEO_PARAMETERS, stream_params)):
         for key in keys:
             if key in body:
                 if key in into:

@@ -42,7 +42,7 @@ from handler.pipeline import StageTimes, YoloPipeline
 from handler.request import parse_request
 from handler.response import ModelInfo, encode_response, response_body
 from handler.runtime.artifacts import load_artifacts
-from handler.tasks import Prepared, ResponseOptions
+from handler.tasks import PreparedImage, ResponseOptions
 from handler.video import STREAM_HEADER, StreamPlan, TrackedFrame, VideoStreams
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class PreparedRequest:
     """A request of the batch that passed parsing and decoding, waiting for the batched forward."""
 
     idx: int  # position in the batch
-    prepared: Prepared | None  # transformed pixels, geometry, the task's options; None: a stream's end without a frame
+    prepared: PreparedImage | None  # transformed pixels, geometry, the task's options; None: a stream's end without a frame
     width: int  # original image size
     height: int
     preprocess_ms: float  # parse + decode + transform of this request

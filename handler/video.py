@@ -35,7 +35,7 @@ from handler.request_values import boolean
 from handler.tasks import TASKS
 from handler.tracking import (
     BotSortParams,
-    Detections,
+    FrameDetections,
     FrameTracks,
     Stream,
     StreamError,
@@ -48,7 +48,7 @@ from handler.tracking import (
 STREAM_HEADER = "X-Stream-Id"  # request header (continue a stream) and response header (the stream's id)
 STREAM_PARAMETERS: tuple[str, ...] = ("track", "stream", "end")
 TRACKER_PARAMETERS: tuple[str, ...] = tuple(f.name for f in fields(BotSortParams))  # botsort.yaml's keys ⊇ bytetrack.yaml's
-PARAMETERS: tuple[str, ...] = STREAM_PARAMETERS + TRACKER_PARAMETERS
+VIDEO_PARAMETERS: tuple[str, ...] = STREAM_PARAMETERS + TRACKER_PARAMETERS  # what a tracked request may set
 MAX_STREAM_ID_CHARS = 200
 _DEFAULT_TRACKER = ("true", "1")
 
@@ -72,7 +72,7 @@ class StreamOptions:
 def stream_options(params: Mapping[str, Any], header_id: str | None = None) -> StreamOptions | None:
     """The stream options among a request's ``params`` (text or JSON values) and its ``X-Stream-Id``
     header; None for a stateless request. Raises ``InvalidParameter`` for a contradictory combination."""
-    given = {k: v for k, v in params.items() if k in PARAMETERS}
+    given = {k: v for k, v in params.items() if k in VIDEO_PARAMETERS}
     if not given and header_id is None:
         return None
     track, stream_id, end = given.pop("track", None), given.pop("stream", None), given.pop("end", None)
@@ -173,7 +173,7 @@ class VideoStreams:
             self.registry.end(plan.stream.id)
         return TrackedFrame(plan.stream, frame, plan.end)
 
-    def track(self, tracked: TrackedFrame, detections: Detections) -> FrameTracks:
+    def track(self, tracked: TrackedFrame, detections: FrameDetections) -> FrameTracks:
         """Advance the stream's tracker by this frame (its detections, after NMS, in original-image pixels)."""
         tracks = tracked.stream.tracker.update(detections, tracked.frame)
         self.registry.touch(tracked.stream)

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from handler.errors import RequestError
 from handler.tasks import task_for
 from handler.tasks.detect import Thresholds
-from handler.request import IMAGE_FIELDS, PARAMETERS, ROUTING_KEYS, parse_request
+from handler.request import IMAGE_FIELDS, ROUTING_KEYS, parse_request
+from handler.tasks import TASK_PARAMETERS
 from serving_support import make_context
 
 pytestmark = pytest.mark.slow  # thousands of hypothesis examples
@@ -47,9 +48,9 @@ row_values = st.one_of(
     param_text.map(lambda s: bytearray(s.encode())),
     st.text(max_size=20),
     json_values,
-    st.dictionaries(st.sampled_from(["image", *PARAMETERS, "other"]), json_values | st.binary(max_size=16).map(lambda b: b.hex()), max_size=5),
+    st.dictionaries(st.sampled_from(["image", *TASK_PARAMETERS, "other"]), json_values | st.binary(max_size=16).map(lambda b: b.hex()), max_size=5),
 )
-row_keys = st.sampled_from(["body", *IMAGE_FIELDS, *PARAMETERS, *ROUTING_KEYS]) | st.text(max_size=10)
+row_keys = st.sampled_from(["body", *IMAGE_FIELDS, *TASK_PARAMETERS, *ROUTING_KEYS]) | st.text(max_size=10)
 rows = st.dictionaries(row_keys, row_values, max_size=6)
 content_types = st.sampled_from([None, "application/json", "image/jpeg", "application/octet-stream", "text/plain; charset=utf-8"])
 

@@ -24,7 +24,7 @@ from ultralytics.trackers.utils import kalman_filter as u_kf  # noqa: E402
 from ultralytics.trackers.utils import matching as u_matching  # noqa: E402
 from ultralytics.utils import YAML, IterableSimpleNamespace  # noqa: E402
 
-from handler.tracking import BotSortParams, ByteTrackParams, Detections, create_tracker, kalman, matching, tracker_params  # noqa: E402  # noqa: E402
+from handler.tracking import BotSortParams, ByteTrackParams, FrameDetections, create_tracker, kalman, matching, tracker_params  # noqa: E402  # noqa: E402
 from handler.tracking.gmc import GlobalMotion  # noqa: E402
 from tools.server import REPO_ROOT  # noqa: E402
 
@@ -248,7 +248,7 @@ def test_tracker_equals_ultralytics_on_synthetic_detections(name, overrides, obb
     theirs = ultralytics_tracker(name, overrides)
     stats = {"ids": set(), "low_matches": 0, "lost_then_found": 0}
     for f, ((boxes, scores, classes), frame) in enumerate(zip(seq, frames)):
-        got = ours.update(Detections(boxes, scores, classes), frame)
+        got = ours.update(FrameDetections(boxes, scores, classes), frame)
         want = theirs.update(ultralytics_results(boxes, scores, classes, obb), frame)
         assert_same_tracks(got.rows, want, f)
         assert got.pending == any(not t.is_activated for t in theirs.tracked_stracks)
@@ -268,7 +268,7 @@ def test_rows_map_back_to_the_callers_index():
     scores = np.array([0.9, 0.05, 0.8, 0.7, 0.6], np.float32)
     rows = np.array([10, 11, 12, 13, 14])
     tracker = create_tracker(tracker_params("bytetrack"))
-    out = tracker.update(Detections(boxes, scores, np.zeros(5, np.float32), rows)).rows
+    out = tracker.update(FrameDetections(boxes, scores, np.zeros(5, np.float32), rows)).rows
     assert sorted(out[:, -1].astype(int).tolist()) == [10, 12, 13, 14]
     for r in out:
         assert np.allclose(r[:4], boxes[int(r[-1]) - 10], atol=1e-3)
@@ -281,33 +281,33 @@ def test_each_tracker_counts_its_own_ids():
     alone = []
     for seq, frames in ((seq_a, frames_a), (seq_b, frames_b)):
         t = create_tracker(tracker_params("botsort"))
-        alone.append([t.update(Detections(*d), fr).rows for d, fr in zip(seq, frames)])
+        alone.append([t.update(FrameDetections(*d), fr).rows for d, fr in zip(seq, frames)])
     ta, tb = create_tracker(tracker_params("botsort")), create_tracker(tracker_params("botsort"))
     for f in range(len(seq_a)):
-        assert np.array_equal(ta.update(Detections(*seq_a[f]), frames_a[f]).rows, alone[0][f])
-        assert np.array_equal(tb.update(Detections(*seq_b[f]), frames_b[f]).rows, alone[1][f])
+        assert np.array_equal(ta.update(FrameDetections(*seq_a[f]), frames_a[f]).rows, alone[0][f])
+        assert np.array_equal(tb.update(FrameDetections(*seq_b[f]), frames_b[f]).rows, alone[1][f])
     assert alone[0][0][:, 4].min() == 1 and alone[1][0][:, 4].min() == 1
 
 
 def test_reset_restarts_ids_and_state():
     seq, frames = synthetic_sequence(3, False)
     t = create_tracker(tracker_params("bytetrack"))
-    first = [t.update(Detections(*d), fr).rows for d, fr in zip(seq[:10], frames[:10])]
+    first = [t.update(FrameDetections(*d), fr).rows for d, fr in zip(seq[:10], frames[:10])]
     t.reset()
-    again = [t.update(Detections(*d), fr).rows for d, fr in zip(seq[:10], frames[:10])]
+    again = [t.update(FrameDetections(*d), fr).rows for d, fr in zip(seq[:10], frames[:10])]
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
 
 
 def test_empty_and_degenerate_detections():
     t = create_tracker(tracker_params("botsort"))
     frame = np.zeros((60, 80, 3), np.uint8)
-    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    empty = FrameDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
     out = t.update(empty, frame)
     assert out.rows.shape == (0, 8) and not out.pending and out.shows_untracked_detections
-    flat = Detections(np.array([[10, 10, 10, 30]], np.float32), np.array([0.9], np.float32), np.zeros(1, np.float32))
+    flat = FrameDetections(np.array([[10, 10, 10, 30]], np.float32), np.array([0.9], np.float32), np.zeros(1, np.float32))
     assert t.update(flat, frame).rows.shape == (0, 8)  # zero width: dropped, as Ultralytics does
     with pytest.raises(ValueError):
-        Detections(np.zeros((2, 3), np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32))
+        FrameDetections(np.zeros((2, 3), np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def test_clip_tracks_equal_yolo_track(name, pose_weights, pose_export):
     ids_seen, tracked_frames, worst = set(), 0, 1.0
     for f, frame in enumerate(clip):
         dets = exported_detections(pipeline, frame, conf=0.1)
-        out = tracker.update(Detections(dets[:, :4].copy(), dets[:, 4].copy(), dets[:, 5].copy()), frame)
+        out = tracker.update(FrameDetections(dets[:, :4].copy(), dets[:, 4].copy(), dets[:, 5].copy()), frame)
         want = model.track(frame, persist=True, tracker=f"{name}.yaml", verbose=False)[0]
         if not want.boxes.is_track:  # Ultralytics shows the raw detections (or none) on such frames
             assert len(out.rows) == 0, f"frame {f}: we track {len(out.rows)} objects, YOLO.track none"

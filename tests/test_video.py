@@ -27,7 +27,7 @@ from handler.request import parse_request
 from handler.tasks import task_for
 from handler.tasks.detect import Detections, Thresholds, rbox_corners
 from handler.tracking import BotSortParams, ByteTrackParams, FrameTracks, create_tracker, tracker_params
-from handler.tracking import Detections as TrackerDetections
+from handler.tracking import FrameDetections
 from handler.video import StreamOptions, VideoStreams, stream_options
 
 NAMES = ["person", "bicycle", "car"]
@@ -192,8 +192,8 @@ class FakeClock:
         return self.t
 
 
-def empty_detections() -> TrackerDetections:
-    return TrackerDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+def empty_detections() -> FrameDetections:
+    return FrameDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
 
 
 def test_streams_start_continue_end_expire_and_limit():

@@ -9,7 +9,7 @@ and JSON), plus one entry in :data:`TASKS` below. The exporter writes the same n
 from __future__ import annotations
 
 from handler.contract import ArtifactError
-from handler.tasks.base import Prepared, ResponseOptions, Task
+from handler.tasks.base import PreparedImage, ResponseOptions, Task
 from handler.tasks.classify import CLASSIFY
 from handler.tasks.detect import DETECT, OBB, POSE
 from handler.tasks.depth import DEPTH
@@ -20,7 +20,7 @@ from handler.tasks.semantic import SEMANTIC
 TASKS: dict[str, Task] = {t.name: t for t in (DETECT, POSE, SEGMENT, OBB, CLASSIFY, SEMANTIC, DEPTH, RTDETR)}
 
 # Every request parameter of every task, in registry order (unknown-parameter messages list them).
-ALL_PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys(name for t in TASKS.values() for name in t.parameters))
+TASK_PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys(name for t in TASKS.values() for name in t.parameters))
 
 
 def task_for(name: str) -> Task:
@@ -32,4 +32,4 @@ def task_for(name: str) -> Task:
                             "re-export with the matching `python -m export`") from None
 
 
-__all__ = ["ALL_PARAMETERS", "TASKS", "Prepared", "ResponseOptions", "Task", "task_for"]
+__all__ = ["TASK_PARAMETERS", "TASKS", "PreparedImage", "ResponseOptions", "Task", "task_for"]

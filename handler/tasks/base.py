@@ -51,7 +51,7 @@ def full_precision(params: dict[str, Any]) -> bool:
 
 
 @dataclass
-class Prepared:
+class PreparedImage:
     """One transformed image, ready to batch: ``pixels: uint8[H, W, 3]`` BGR (the network input before
     the RGB swap and /255), its geometry, and the postprocessor options of its request (the task's type:
     ``Thresholds`` for the detection family, ``TopK`` for classify)."""
@@ -88,7 +88,7 @@ class Task:
         None: the transform has no device version (the pipeline then refuses ``preprocess: device``)."""
         return None
 
-    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[Any]:
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[PreparedImage], nc: int) -> list[Any]:
         """Run the scripted postprocessor ``module`` on the backbone outputs ``feats`` of one batch of
         equal-shape inputs (``nc`` classes); one output per item, on CPU."""
         raise NotImplementedError
@@ -103,7 +103,7 @@ class Task:
         raise NotImplementedError
 
     def tracker_detections(self, output: Any) -> Any:
-        """One item's output -> the tracker's input, ``handler.tracking.Detections`` (``rows`` = this
+        """One item's output -> the tracker's input, ``handler.tracking.FrameDetections`` (``rows`` = this
         output's row index). Trackable tasks only."""
         raise NotImplementedError
 

@@ -23,7 +23,7 @@ from handler import request_values as p
 from handler.errors import InvalidParameter
 from handler.image.classify_crop import classify_transform
 from handler.response import ModelInfo, score
-from handler.tasks.base import ImageTransform, Prepared, ResponseOptions, Task, full_precision
+from handler.tasks.base import ImageTransform, PreparedImage, ResponseOptions, Task, full_precision
 
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000  # above nc the postprocessor returns all nc classes
@@ -70,7 +70,7 @@ class ClassifyTask(Task):
         """Every input gets the shape ``imgsz``, so a batch is one forward; ``letterbox_mode`` is not used."""
         return lambda image: classify_transform(image, imgsz)
 
-    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[TopClasses]:
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[PreparedImage], nc: int) -> list[TopClasses]:
         top_k = torch.tensor([it.options.top_k for it in items], dtype=torch.long)  # [n]
         scores, class_ids, counts = (t.cpu() for t in module(feats, top_k))  # [n, K] x2, [n]
         return [

@@ -28,7 +28,7 @@ from torch import Tensor
 from handler.encoding.dense import DenseTooLarge, b64, encode_depth_png16, encode_float32
 from handler.errors import ResponseTooLarge
 from handler.response import MAX_RESPONSE_BYTES, ModelInfo
-from handler.tasks.base import Prepared, Stretched
+from handler.tasks.base import PreparedImage, Stretched
 from handler.tasks.semantic import Encoding, choice
 
 ENCODINGS = ("png16", "float32")
@@ -58,7 +58,7 @@ class DepthTask(Stretched):
         encoding = choice("encoding", params["encoding"], ENCODINGS) if "encoding" in params else ENCODINGS[0]
         return None, Encoding(encoding)
 
-    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[DepthMap]:
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[PreparedImage], nc: int) -> list[DepthMap]:
         geometry = torch.tensor([it.params.as_row() for it in items], dtype=torch.float32)  # [B, 6]
         depth, sizes, stats = (t.cpu() for t in module(feats, geometry))
         return [DepthMap(depth[b, : int(sizes[b, 0]), : int(sizes[b, 1])], stats[b]) for b in range(len(items))]

@@ -36,11 +36,11 @@ from torch import Tensor
 from handler import request_values as p
 from handler.errors import InvalidParameter
 from handler.response import ModelInfo, px, score
-from handler.tasks.base import Letterboxed, Prepared, ResponseOptions, full_precision
-from handler.tracking import Detections as TrackerDetections
+from handler.tasks.base import Letterboxed, PreparedImage, ResponseOptions, full_precision
+from handler.tracking import FrameDetections
 from handler.tracking import FrameTracks
 
-PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes", "polygons", "full_precision")
+DETECTION_PARAMETERS: tuple[str, ...] = ("conf", "iou", "max_det", "classes", "polygons", "full_precision")
 # The values a request (Thresholds.validate) and the archive's defaults (handler/config.py) may set, inclusive.
 LIMITS: dict[str, tuple[float, float]] = {"conf": (0.0, 1.0), "iou": (0.0, 1.0), "max_det": (1, 10000)}
 
@@ -98,7 +98,7 @@ def threshold_tensors(thresholds: list[Thresholds], nc: int) -> tuple[Tensor, Te
 class DetectTask(Letterboxed):
     """detect, pose (keypoint columns, from the metadata's ``kpt_shape``) and obb (``rotated``)."""
 
-    parameters = PARAMETERS
+    parameters = DETECTION_PARAMETERS
     trackable = True
     results_key = "detections"
 
@@ -129,13 +129,13 @@ class DetectTask(Letterboxed):
         polygons = p.boolean("polygons", params["polygons"]) if "polygons" in params else False
         return t, ResponseOptions(polygons=polygons, full_precision=full_precision(params))
 
-    def run_postprocessor(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> tuple[Tensor, Tensor, Tensor]:
+    def run_postprocessor(self, module: Any, feats: list[Tensor], items: list[PreparedImage], nc: int) -> tuple[Tensor, Tensor, Tensor]:
         """``detections: float32[B, K, ncols]``, ``counts: int64[B]``, ``masks: uint8[B, M, H0, W0]`` on CPU."""
         geometry = torch.tensor([it.params.as_row() for it in items], dtype=torch.float32)  # [B, 6]
         dets, counts, masks = module(feats, geometry, *threshold_tensors([it.options for it in items], nc))
         return dets.cpu(), counts.cpu(), masks.cpu()
 
-    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[Detections]:
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[PreparedImage], nc: int) -> list[Detections]:
         dets, counts, _ = self.run_postprocessor(module, feats, items, nc)
         return [Detections(dets[row, : int(counts[row])]) for row in range(len(items))]
 
@@ -167,11 +167,11 @@ class DetectTask(Letterboxed):
     def tracking_defaults(self, config: Any, conf: float) -> Thresholds:
         return replace(self.default_options(config), conf=conf)
 
-    def tracker_detections(self, output: Detections) -> TrackerDetections:
+    def tracker_detections(self, output: Detections) -> FrameDetections:
         """Rows -> boxes ``float32[N, 4]`` xyxy (OBB: ``float32[N, 5]`` xywhr, columns 6..10), scores, classes."""
         rows = output.rows.numpy()
         boxes = rows[:, 6:11] if self.rotated else rows[:, :4]
-        return TrackerDetections(np.ascontiguousarray(boxes), rows[:, 4].copy(), rows[:, 5].copy())
+        return FrameDetections(np.ascontiguousarray(boxes), rows[:, 4].copy(), rows[:, 5].copy())
 
     def with_tracks(self, output: Detections, tracks: FrameTracks, height: int, width: int) -> Detections:
         """``output`` as ``YOLO.track`` shows it (see the module docstring): the rows the tracker took, in its

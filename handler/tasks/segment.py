@@ -19,12 +19,12 @@ from torch import Tensor
 
 from handler.encoding.masks import encode_rle, mask_polygon
 from handler.response import ModelInfo, px
-from handler.tasks.base import Prepared, ResponseOptions
+from handler.tasks.base import PreparedImage, ResponseOptions
 from handler.tasks.detect import Detections, DetectTask, with_track_ids
 
 
 class SegmentTask(DetectTask):
-    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[Detections]:
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[PreparedImage], nc: int) -> list[Detections]:
         dets, counts, masks = self.run_postprocessor(module, feats, items, nc)
         out = []
         for row, it in enumerate(items):

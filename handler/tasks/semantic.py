@@ -32,7 +32,7 @@ from handler.encoding.dense import b64, encode_class_map_png
 from handler.encoding.masks import encode_rle
 from handler.errors import InvalidParameter
 from handler.response import ModelInfo
-from handler.tasks.base import Letterboxed, Prepared
+from handler.tasks.base import Letterboxed, PreparedImage
 
 ENCODINGS = ("rle", "png")
 
@@ -85,7 +85,7 @@ class SemanticTask(Letterboxed):
         encoding = choice("encoding", params["encoding"], ENCODINGS) if "encoding" in params else ENCODINGS[0]
         return SemanticOptions(classes), Encoding(encoding)
 
-    def postprocess(self, module: Any, feats: list[Tensor], items: list[Prepared], nc: int) -> list[ClassMap]:
+    def postprocess(self, module: Any, feats: list[Tensor], items: list[PreparedImage], nc: int) -> list[ClassMap]:
         geometry = torch.tensor([it.params.as_row() for it in items], dtype=torch.float32)  # [B, 6]
         class_mask = None
         if any(it.options.classes is not None for it in items):

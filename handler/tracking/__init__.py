@@ -5,7 +5,7 @@ stream::
 
     params = tracker_params("bytetrack", {"track_buffer": 60})   # ValueError names a bad key
     tracker = create_tracker(params)
-    frame_tracks = tracker.update(Detections(boxes, scores, classes), frame_bgr)
+    frame_tracks = tracker.update(FrameDetections(boxes, scores, classes), frame_bgr)
     frame_tracks.rows   # float32[M, 8] [x1, y1, x2, y2, track_id, score, cls, idx]
 
 :class:`StreamRegistry` holds a worker's streams (one tracker each) and drops them on end or idle expiry.
@@ -21,9 +21,9 @@ from handler.tracking.params import (
                                      tracker_params,
 )
 from handler.tracking.registry import Stream, StreamError, StreamRegistry
-from handler.tracking.tracker import BotSortTracker, ByteTracker, Detections, FrameTracks, create_tracker
+from handler.tracking.tracker import BotSortTracker, ByteTracker, FrameDetections, FrameTracks, create_tracker
 
 __all__ = [
-    "BotSortParams", "BotSortTracker", "ByteTrackParams", "ByteTracker", "Detections", "FrameTracks", "GMC_METHODS",
+    "BotSortParams", "BotSortTracker", "ByteTrackParams", "ByteTracker", "FrameDetections", "FrameTracks", "GMC_METHODS",
     "Stream", "StreamError", "StreamRegistry", "TRACKER_NAMES", "TrackerParams", "create_tracker", "tracker_name", "tracker_params",
 ]

@@ -1,7 +1,7 @@
 """ByteTrack and BoT-SORT (without ReID) for one stream, as Ultralytics 8.4.190's ``BYTETracker`` and
 ``BOTSORT`` (``trackers/byte_tracker.py``, ``trackers/bot_sort.py``), without importing Ultralytics.
 
-Per frame, :meth:`ByteTracker.update` takes the frame's :class:`Detections` (after NMS, in pixels of
+Per frame, :meth:`ByteTracker.update` takes the frame's :class:`FrameDetections` (after NMS, in pixels of
 the original image) and the frame itself (BoT-SORT's motion compensation reads it), and returns
 :class:`FrameTracks`: the rows Ultralytics' ``tracker.update`` returns. Track IDs count from 1 per
 tracker instance (8.4.190 gives each tracker its own counter too), so one tracker per stream gives
@@ -40,7 +40,7 @@ REMOVED_BUFFER = 1000  # removed tracks remembered (Ultralytics' merge_track_poo
 
 
 @dataclass(frozen=True)
-class Detections:
+class FrameDetections:
     """One frame's detections, in pixels of the original image.
 
     - ``boxes: float32[N, 4]`` xyxy, or ``float32[N, 5]`` xywhr (OBB: centre, size, angle in radians);
@@ -101,7 +101,7 @@ class FrameTracks:
       ``[cx, cy, w, h, angle, track_id, score, cls, idx]`` for OBB: the confirmed tracks seen this
       frame, in Ultralytics' order; the box is the Kalman estimate after the update, not clipped to
       the image (:meth:`clipped` gives what ``results.boxes`` shows after ``track``); ``score`` and
-      ``cls`` are the matched detection's, ``idx`` its row (``Detections.rows``).
+      ``cls`` are the matched detection's, ``idx`` its row (``FrameDetections.rows``).
     - ``pending``: a track was born this frame and is not yet confirmed.
 
     What ``YOLO.track`` then shows for the frame (``ultralytics/trackers/track.py``,
@@ -153,7 +153,7 @@ class ByteTracker:
         return KalmanFilterXYAH()
 
     # -- the frame --------------------------------------------------------------------------------
-    def update(self, detections: Detections, frame: np.ndarray | None = None) -> FrameTracks:
+    def update(self, detections: FrameDetections, frame: np.ndarray | None = None) -> FrameTracks:
         """Advance by one frame. ``frame: uint8[H, W, 3]`` BGR, the full original image (BoT-SORT's GMC)."""
         self.frame_id += 1
         activated: list[Track] = []
@@ -232,7 +232,7 @@ class ByteTracker:
     # -- steps ------------------------------------------------------------------------------------
     def _new_tracks(self, xywh: np.ndarray, scores: np.ndarray, classes: np.ndarray, mask: np.ndarray,
                     rows: np.ndarray) -> list[Track]:
-        """Detections selected by ``mask`` as unstarted tracks; ``idx`` is the caller's row."""
+        """FrameDetections selected by ``mask`` as unstarted tracks; ``idx`` is the caller's row."""
         sel = np.flatnonzero(mask)
         if len(sel) == 0:
             return []

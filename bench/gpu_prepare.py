@@ -1,4 +1,4 @@
-"""Write the folder that ``bench/gpu_check.py`` needs on a GPU machine without Ultralytics.
+"""Write the folder that ``bench/gpu_check/`` needs on a GPU machine without Ultralytics.
 
     python -m bench.gpu_prepare [--out exports/gpu_check] [--check-torch /path/to/other/python]
 
@@ -36,11 +36,10 @@ import cv2
 import numpy as np
 import torch
 
+from bench.gpu_check import EAGER_FILE, MANIFEST_FILE, REFERENCE_FILE
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "exports" / "gpu_check"
-EAGER_FILE = "postprocess_eager.pt"
-REFERENCE_FILE = "reference.pt"
-MANIFEST_FILE = "manifest.json"
 # name -> (weights, imgsz, options over the task's defaults for the reference outputs). The pose options keep
 # more detections than the defaults, so that FP16 and FP32 are compared on more boxes.
 MODELS: dict[str, tuple[str, list[int], dict]] = {

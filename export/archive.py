@@ -66,7 +66,7 @@ TORCHSERVE_DEFAULTS: dict[str, object] = {
 # takes ~70 ms, so requests pile up while a batch runs and waiting buys little: a lone request pays the whole
 # delay in QueueTime (measured: delay + ~2 ms), and 0 makes TorchServe's batch aggregator poll (~100 ms of
 # QueueTime measured), so 2. On GPU a short wait fills batches; 20 stays until a GPU run measures the curve
-# (bench/gpu_check.py).
+# (bench/gpu_check/).
 BATCH_DELAY_MS = {"cpu": 2, "gpu": 20}
 DEVICES = tuple(BATCH_DELAY_MS)
 _TORCHSERVE_COMMENTS = {

@@ -158,6 +158,7 @@ def test_a_wheel_built_after_an_export_holds_only_our_packages(tmp_path):
     assert tops == {"export", "handler", "bench", "tools"}, tops
     assert not any(n.startswith("exports/") for n in names)
     assert "handler/tasks/__init__.py" in names and "handler/yolo_handler.py" in names and "tools/batch/cli.py" in names
+    assert "bench/gpu_check/__main__.py" in names and "bench/experiments/breakdown.py" in names  # bench's subpackages too
     for script in ("yolo-ts-export = export.__main__:main", "yolo-ts-serve = tools.serve:main", "yolo-ts-client = tools.client:main", "yolo-ts-demo = tools.demo:main"):
         assert script in entry_points
 

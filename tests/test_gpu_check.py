@@ -1,4 +1,4 @@
-"""bench/gpu_prepare.py then bench/gpu_check.py --device cpu (the dry run): the one GPU command runs end to end
+"""bench/gpu_prepare.py then python -m bench.gpu_check --device cpu (the dry run): the one GPU command runs end to end
 here, and what it writes holds every section, with the CPU checks passing."""
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert result["fp16"] == {"skipped": "FP16 is CUDA-only"}
     rows = result["throughput"]["rows"]
     assert [(r["precision"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 2)]
-    assert all(r["L0_images_per_s"] > 0 and r["L1_cpu_images_per_s"] > 0 and r["L1_device_images_per_s"] > 0 for r in rows)
+    for r in rows:  # each figure is the batch over its measured time, and the batch-delay section reads the same times
+        for level in ("L0", "L1_cpu", "L1_device"):
+            assert r[f"{level}_ms"] > 0 and r[f"{level}_images_per_s"] == pytest.approx(1000 * r["batch"] / r[f"{level}_ms"], rel=0.01)
+    per_batch = result["batch_delay"]["fp32_cpu"]["per_batch"]
+    assert [(p["batch"], p["ms"]) for p in per_batch] == [(r["batch"], r["L1_cpu_ms"]) for r in rows]
     assert result["gpu_id"]["cuda_hidden_cpu_fallback"]["device"] == "cpu"  # served on CPU with cpu_fallback
     assert "error" in result["gpu_id"]["cuda_hidden_fails"]  # and refused without it
     md = (out / "gpu_check.md").read_text()

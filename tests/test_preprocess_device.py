@@ -20,7 +20,7 @@ from handler.runtime.overlap import SideStream, run_groups
 from handler.tasks import TASKS
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-# bench/gpu_check.py runs this file on a machine without Ultralytics, on the export and images it carries
+# bench/gpu_check/ runs this file on a machine without Ultralytics, on the export and images it carries
 CARRIED = os.environ.get("YOLO_GPU_CHECK_EXPORTS")
 
 

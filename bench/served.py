@@ -92,7 +92,7 @@ class Client:
     connection per request).
 
     ``http.client`` rather than ``requests``: a load generator should cost as little as it can, and on
-    the 2-core machine ``requests`` adds 1.2-2.3 ms to every call (``python -m bench.breakdown``, the
+    the 2-core machine ``requests`` adds 1.2-2.3 ms to every call (``python -m bench.experiments.breakdown``, the
     line under its table), which would be counted as served latency. S and T get the same client."""
 
     def __init__(self, server: TorchServe, keep_alive: bool = True) -> None:

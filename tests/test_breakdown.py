@@ -1,4 +1,4 @@
-"""bench/breakdown.py: the protocol message it times is the one TorchServe's worker reads,
+"""bench/experiments/breakdown.py: the protocol message it times is the one TorchServe's worker reads,
 the no-work handler answers every request of a batch, and a short real run splits lone requests into
 their parts, with TorchServe's batch wait where the configuration has one."""
 
@@ -12,7 +12,7 @@ import threading
 import pytest
 from ts.protocol import otf_message_handler as otf
 
-from bench import breakdown, null_handler
+from bench.experiments import breakdown, null_handler
 
 
 def test_predict_message_is_what_the_torchserve_worker_reads():

@@ -34,7 +34,7 @@ def store(pose_export, tmp_path_factory) -> Path:
 
 def test_two_servers_side_by_side(store, tmp_path, sample_images):
     """Each has its own TMPDIR and TEMP (the worker socket), so both serve at once. ``env`` reaches the
-    workers of its own server only (bench.breakdown's environment variants)."""
+    workers of its own server only (bench.experiments.breakdown's environment variants)."""
     data = sample_images[0].read_bytes()
     with running_server(store, tmp_path / "a", env={"YOLO_TS_TEST_MARK": "a"}) as a, running_server(store, tmp_path / "b") as b:
         assert a.env["TEMP"] != b.env["TEMP"] and a.env["TMPDIR"] == a.env["TEMP"]

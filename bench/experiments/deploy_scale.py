@@ -1,4 +1,4 @@
-"""``python -m bench.deploy_scale``: the deploy figures (CPU limits and scaling on one machine), in one run.
+"""``python -m bench.experiments.deploy_scale``: the deploy figures (CPU limits and scaling on one machine), in one run.
 
 1. **One usable core**: TorchServe pinned to CPU 0 (its frontend and worker inherit the affinity, as under
    ``taskset -c 0`` or a one-CPU cpuset) with ``torch_threads: 0`` (auto, which must now choose 1), against
@@ -105,7 +105,7 @@ def to_markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.deploy_scale", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.experiments.deploy_scale", description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=None)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--requests", type=int, default=64)

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 import psutil
@@ -146,28 +147,18 @@ class Client:
         return body
 
 
-def run_load(client: Client, payloads: list[bytes], n: int, concurrency: int) -> tuple[list[float], float]:
-    """``n`` requests from ``concurrency`` threads, cycling ``payloads``; (latencies ms, wall s)."""
-    lock = threading.Lock()
-    next_i = iter(range(n))
-    latencies: list[float] = []
+def run_concurrently(work: list[Callable[[], None]]) -> float:
+    """Each of ``work`` in a thread of its own, all started together; returns the wall seconds until the last
+    ended. An error in any thread ends that thread and is raised here, after the others ended."""
     errors: list[BaseException] = []
 
-    def worker() -> None:
-        while True:
-            with lock:
-                i = next(next_i, None)
-            if i is None:
-                return
-            try:
-                ms = client.post(payloads[i % len(payloads)])
-            except BaseException as e:  # noqa: BLE001 - reported after the threads end
-                errors.append(e)
-                return
-            with lock:
-                latencies.append(ms)
+    def guarded(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - reported after the threads end
+            errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=guarded, args=(fn,)) for fn in work]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -175,7 +166,27 @@ def run_load(client: Client, payloads: list[bytes], n: int, concurrency: int) ->
         t.join()
     wall = time.perf_counter() - t0
     if errors:
-        raise RuntimeError(f"{len(errors)} request(s) failed; first: {errors[0]}")
+        raise RuntimeError(f"{len(errors)} thread(s) failed; first: {errors[0]}") from errors[0]
+    return wall
+
+
+def run_load(client: Client, payloads: list[bytes], n: int, concurrency: int) -> tuple[list[float], float]:
+    """``n`` requests from ``concurrency`` threads, cycling ``payloads``; (latencies ms, wall s)."""
+    lock = threading.Lock()
+    next_i = iter(range(n))
+    latencies: list[float] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(next_i, None)
+            if i is None:
+                return
+            ms = client.post(payloads[i % len(payloads)])
+            with lock:
+                latencies.append(ms)
+
+    wall = run_concurrently([worker] * concurrency)
     return latencies, wall
 
 

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from importlib.resources import files
@@ -35,6 +34,7 @@ import numpy as np
 import requests
 import torch
 
+from bench.served import run_concurrently
 from bench.stats import median, summarize
 
 WIDTH, HEIGHT = 1280, 720
@@ -133,23 +133,11 @@ def in_process_tracker_ms(export_dir: Path, frames: list[np.ndarray], repeats: i
 def concurrent_streams(url: str, headers: dict, frames: list[bytes], tracker: str, n: int) -> tuple[list[list[dict]], float, list[float]]:
     """``n`` streams at once (one thread each): their answers, the wall time, every latency ms."""
     results: list = [None] * n
-    errors: list[BaseException] = []
 
     def one(i: int) -> None:
-        try:
-            results[i] = run_stream(url, headers, frames, tracker)
-        except BaseException as e:  # noqa: BLE001 - reported after the join
-            errors.append(e)
+        results[i] = run_stream(url, headers, frames, tracker)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
+    wall = run_concurrently([lambda i=i: one(i) for i in range(n)])
     return [r[0] for r in results], wall, [ms for r in results for ms in r[1]]
 
 

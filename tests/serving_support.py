@@ -60,6 +60,18 @@ def check_schema(body: dict, pose: bool) -> None:
             assert len(d["keypoints"]) == 17 and all(len(k) == 3 for k in d["keypoints"])
 
 
+def check_tracked_frame(f: int, ids, boxes, kpts, want_ids, want_boxes, want_kpts) -> float:
+    """One frame on which ``YOLO.track`` shows tracks, against ours: the same IDs in the same order, each box at IoU
+    >= 0.99 with its counterpart, and the keypoints of the same detection (within 1 px). Returns the smallest IoU."""
+    from handler.tracking.matching import box_iou
+
+    assert list(ids) == list(want_ids), f"frame {f}: IDs {list(ids)}, YOLO.track {list(want_ids)}"
+    iou = box_iou(np.asarray(boxes, np.float32), np.asarray(want_boxes, np.float32)).diagonal()
+    assert iou.min() >= 0.99, f"frame {f}: box IoU {iou.min():.4f}"
+    assert np.abs(np.asarray(kpts) - np.asarray(want_kpts)).max() < 1.0, f"frame {f}: keypoints of another detection"
+    return float(iou.min())
+
+
 def build_test_store(export_dir, tmp_path_factory, name: str, handler_settings: dict | None = None,
                      torchserve_settings: dict | None = None):
     """``yolo.mar`` with ``handler_settings`` (and TorchServe's own keys ``torchserve_settings``, e.g.

@@ -28,10 +28,9 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from serving_support import check_schema, logged_batches
+from serving_support import check_schema, check_tracked_frame, logged_batches
 
 from export.archive import build_archive
-from handler.tracking.matching import box_iou
 from tools.server import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -129,11 +128,7 @@ def test_served_tracks_equal_yolo_track(alone, reference, name):
         if w_ids is None:  # YOLO.track shows the raw detections without IDs (or none)
             assert ids == [None] * len(w_boxes), f"frame {f}: served {ids}, YOLO.track shows {len(w_boxes)} untracked"
             continue
-        assert ids == w_ids, f"frame {f}: served IDs {ids}, YOLO.track {w_ids}"
-        iou = box_iou(boxes.astype(np.float32), w_boxes.astype(np.float32)).diagonal()
-        assert iou.min() >= 0.99, f"frame {f}: box IoU {iou.min():.4f}"
-        assert np.abs(kpts - w_kpts).max() < 1.0, f"frame {f}: keypoints of another detection"
-        worst = min(worst, float(iou.min()))
+        worst = min(worst, check_tracked_frame(f, ids, boxes, kpts, w_ids, w_boxes, w_kpts))
         ids_seen.update(ids)
         tracked_frames += 1
     print(f"{name}: {tracked_frames}/{len(answers)} frames with the IDs of YOLO.track, IDs {sorted(ids_seen)}, worst IoU {worst:.5f}")

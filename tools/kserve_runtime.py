@@ -16,17 +16,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-import psutil
-import requests
 
 from tools.kserve_store import CONFIG_REL, STORE_REL, properties, runtime_args, wrapper_view
-from tools.server import ServerError, TorchServe, _torchserve, free_ports
+from tools.server import TorchServe, _torchserve, free_ports, launch
 
 # What KServe's InferenceService defaulting puts on a TorchServe predictor with protocolVersion v2
 # (kserve pkg/apis/serving/v1beta1/inference_service_defaults.go SetTorchServeDefaults, and the
@@ -62,34 +56,10 @@ def localized_config(text: str, ports: dict[str, int]) -> str:
 
 
 class KServeLayoutServer(TorchServe):
-    """A :class:`tools.server.TorchServe` without token auth (the KServe config turns it off)."""
+    """A :class:`tools.server.TorchServe` without token auth (the KServe config turns it off): readiness is
+    ``GET /models/NAME`` without a token, what the KServe wrapper polls."""
 
-    def headers(self, api: str = "inference") -> dict[str, str]:
-        return {}
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        """GET ``/models/NAME`` without a token until a worker is READY (what the KServe wrapper polls)."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            self._remember_processes()
-            frontend = self._frontend_pid()
-            if frontend is not None and not psutil.pid_exists(frontend):
-                raise ServerError(f"TorchServe exited during startup; see {self.workdir}/logs and launcher.log")
-            if self.model_log().count("Backend worker process died") >= 2:
-                log = self.model_log()
-                raise ServerError(f"the worker died while loading; worker log:\n{log[log.rfind('Traceback'):][-4000:]}")
-            try:
-                workers = [w for m in self.describe_model() for w in m.get("workers", [])]
-                if any(w.get("status") == "READY" for w in workers):
-                    self._remember_processes()
-                    self.check_loaded()
-                    return
-                last = f"workers {[w.get('status') for w in workers]}"
-            except (requests.RequestException, ValueError, KeyError) as e:
-                last = str(e)
-            time.sleep(0.5)
-        raise ServerError(f"model {self.model!r} not READY after {timeout:.0f} s ({last}); see {self.workdir}/logs")
+    token_auth = False
 
 
 def start_layout_server(layout: Path, workdir: Path, env: dict[str, str] | None = None, timeout: float = 180.0) -> KServeLayoutServer:
@@ -122,25 +92,9 @@ def start_layout_server(layout: Path, workdir: Path, env: dict[str, str] | None 
             run_env[key] = value
     run_env.update(TMPDIR=str(tmpdir), TEMP=str(tmpdir), LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
     server = KServeLayoutServer(workdir, tmpdir, model, ports, run_env)
-    cmd = [_torchserve(), *runtime_args(local)[1:]]
-    with open(workdir / "launcher.log", "ab") as log:
-        launcher = subprocess.Popen(cmd, cwd=workdir, env=run_env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        launcher.wait(timeout=60)
-        server.wait_ready(timeout)
-    except BaseException:
-        server.stop()
-        if launcher.poll() is None:
-            launcher.kill()
-        raise
-    return server
+    return launch(server, [_torchserve(), *runtime_args(local)[1:]], timeout)
 
 
-@contextmanager
-def running_layout_server(layout: Path, workdir: Path, **kwargs) -> Iterator[KServeLayoutServer]:
+def running_layout_server(layout: Path, workdir: Path, **kwargs) -> KServeLayoutServer:
     """``with running_layout_server(layout, tmp) as server:`` — stopped on exit."""
-    server = start_layout_server(layout, workdir, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()
+    return start_layout_server(layout, workdir, **kwargs)

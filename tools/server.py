@@ -29,10 +29,8 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import requests
@@ -168,6 +166,7 @@ class TorchServe:
     env: dict[str, str]
     pids: set[int] = field(default_factory=set)  # processes this server started (frontend + workers)
     log_start: int = 0  # bytes of logs/model_log.log written before this server started (a reused workdir)
+    token_auth = True  # class attribute: False for a config with disable_token_authorization=true (the KServe layout)
 
     @property
     def inference_url(self) -> str:
@@ -194,7 +193,13 @@ class TorchServe:
         return json.loads(self.key_file.read_text())[api]["key"]
 
     def headers(self, api: str = "inference") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key(api)}"}
+        return {"Authorization": f"Bearer {self.key(api)}"} if self.token_auth else {}
+
+    def __enter__(self) -> "TorchServe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()  # ``with start_server(...) as server:`` stops it on exit, also when the body fails
 
     def model_log(self) -> str:
         """The workers' log (``logs/model_log.log``): everything the handler logs."""
@@ -271,7 +276,7 @@ class TorchServe:
             if crashes >= 2:  # TorchServe retries forever; a handler that cannot load will not get better
                 log = self.model_log()
                 raise ServerError(f"the worker died {crashes} times while loading; worker log:\n{log[log.rfind('Traceback'):][-4000:]}")
-            if self.key_file.exists():
+            if not self.token_auth or self.key_file.exists():  # with tokens, the management API needs the key file
                 try:
                     workers = [w for m in self.describe_model() for w in m.get("workers", [])]
                     if any(w.get("status") == "READY" for w in workers):
@@ -398,13 +403,17 @@ def start_server(
         env["PYTHONPATH"] = str(blocker)
     model_log = workdir / "logs" / "model_log.log"
     server = TorchServe(workdir, tmpdir, model, ports, env, log_start=model_log.stat().st_size if model_log.exists() else 0)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    return launch(server, [_torchserve(), "--start", "--ncs", "--ts-config", str(props)], timeout, pin)
+
+
+def launch(server: TorchServe, cmd: list[str], timeout: float, preexec_fn=None) -> TorchServe:
+    """Run the ``torchserve --start`` launcher ``cmd`` in ``server``'s directory and environment, then wait until
+    its model is READY; on any failure (the wait included) the server is stopped and the error raised."""
     server.launcher_log.parent.mkdir(parents=True, exist_ok=True)
     with open(server.launcher_log, "ab") as log:  # a file, not a pipe: a full pipe can hang the launcher
-        launcher = subprocess.Popen(
-            [_torchserve(), "--start", "--ncs", "--ts-config", str(props)],
-            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
+        launcher = subprocess.Popen(cmd, cwd=server.workdir, env=server.env, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=preexec_fn)
     try:
         launcher.wait(timeout=60)  # the launcher starts Java, writes the PID file and exits
         server.wait_ready(timeout)
@@ -416,14 +425,9 @@ def start_server(
     return server
 
 
-@contextmanager
-def running_server(model_store: Path, workdir: Path, **kwargs) -> Iterator[TorchServe]:
+def running_server(model_store: Path, workdir: Path, **kwargs) -> TorchServe:
     """``with running_server(...) as server:`` — always stopped on exit, also when the body fails."""
-    server = start_server(model_store, workdir, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()
+    return start_server(model_store, workdir, **kwargs)
 
 
 def prometheus_metric_names(text: str) -> set[str]:

@@ -1,9 +1,10 @@
 """The task registry: the metadata's ``task`` -> the object that serves it (see ``base.py``).
 
 Adding a task means adding one module here, ``handler/tasks/<family>.py``, that defines a
-:class:`handler.tasks.base.Task` instance (its parameters, transform, postprocessor inputs and outputs,
-and JSON), plus one entry in :data:`TASKS` below. The exporter writes the same name into
-``metadata.json``; nothing else in the handler, the export check or the benchmark names a task.
+:class:`handler.tasks.base.Task` instance (its parameters, transform and device geometry, postprocessor
+inputs and outputs, and JSON), one entry in :data:`TASKS` below, and its export entry in ``export/tasks.py``
+(docs/architecture.md, "Adding a task"). The exporter writes the same name into ``metadata.json``; nothing
+else in the handler, the exporter, the export check or the benchmark names a task.
 """
 
 from __future__ import annotations

@@ -88,7 +88,11 @@ def test_int8_export_reports_drift_and_serves(tmp_path, pose_weights, sample_ima
     assert result.skipped == 1 and any("1 file(s) did not decode" in s for s in lines)
     assert result.calibration.images == 1 and result.held_out.images == 1
     assert result.calibration.fp32_detections > 0 and result.held_out.fp32_detections > 0
-    assert 0.0 <= result.held_out.recall <= 1.0
+    # docs/cpu-speed.md measured recall 1.000 and |dscore| <= 0.056 on these two images (4 and 2 detections);
+    # accept_drift=True keeps the files either way, so the quality is asserted here, not by the refusal
+    for drift in (result.calibration, result.held_out):
+        assert drift.recall >= MIN_RECALL, drift.line("INT8 vs FP32")
+        assert drift.dscore_max <= 0.1, drift.line("INT8 vs FP32")
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert meta["precision"] == INT8 and meta["format"] == "aoti" and meta["backbone"] == "backbone.pt2"
     service = YoloService.from_dir(tmp_path / "out")

@@ -19,6 +19,7 @@ def test_the_fast_tier_cannot_start_torchserve(tmp_path, request):
     with pytest.raises(RuntimeError, match="fast tier"):
         subprocess.Popen([str(tmp_path / "torchserve"), "--start", "--ncs"])
     # a command the test runs (a launcher, a demo) inherits the refusal
-    child = subprocess.run([sys.executable, "-c", "from tools.server import start_server; start_server('store', 'work')"],
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    code = f"from tools.server import start_server; start_server({str(tmp_path / 'store')!r}, {str(tmp_path / 'child')!r})"
+    child = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert child.returncode != 0 and "fast tier" in child.stderr
+    assert not (tmp_path / "child").exists()

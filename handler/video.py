@@ -1,4 +1,6 @@
-"""Video streams in the service: the request options that track objects over a stream, and one worker's streams.
+"""Tracked requests in the service: the request options that track objects over a stream, and how the service
+checks, opens and advances a request's stream (the streams themselves, one tracker each, are
+``handler/tracking/registry.py``'s).
 
 A tracked request is an ordinary prediction request (one frame, any of the usual forms) with:
 

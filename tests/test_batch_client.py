@@ -25,8 +25,8 @@ from tools.batch.outputs import CocoOutput, JsonlOutput, OutputError, YoloOutput
 from tools.batch.runner import backoff_s, saved_path
 from tools.batch.sources import Dataset, SourceError, image_set, is_batch_input
 from tools.client import main as client_main
+from tools.server import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -431,7 +431,7 @@ def test_console_script_runs_a_batch_without_a_traceback(fake, tmp_path):
     """``python -m tools.client`` as a user runs it, no server at the URL: one line, exit 1."""
     folder = images(tmp_path / "in", {"a.jpg": b"plain a"})
     proc = subprocess.run([sys.executable, "-m", "tools.client", str(folder), "--retries", "0", "--url", "http://127.0.0.1:9/predictions/yolo",
-                           "--key-file", str(tmp_path / "none.json")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           "--key-file", str(tmp_path / "none.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "stopped answering: connection failed" in proc.stderr

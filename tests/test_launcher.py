@@ -18,11 +18,10 @@ import requests
 from export.archive import archiver_command, build_archive, stage_handler_code
 from tools.serve import main as serve_main
 from tools.serve import worker_error
-from tools.server import ServerError, attach, busy_ports, configured_ports, running_server, start_server
+from tools.server import REPO_ROOT, ServerError, attach, busy_ports, configured_ports, running_server, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from handler.errors import ModelLoadFailed
 from handler.service import FailedModel
 from handler.yolo_handler import METRIC_LOAD_FAILED, YoloHandler
 from serving_support import make_context, run_batch
+from tools.server import REPO_ROOT
 
 
 def _copy_export(export_dir: Path, dst: Path) -> Path:
@@ -301,7 +302,7 @@ def test_the_description_and_every_readiness_check_say_so(plain_server):
 
     s = plain_server
     mgmt = Management(s.management_url, s.key_file)
-    ready = Path(__file__).resolve().parents[1] / "deploy" / "ready.py"
+    ready = REPO_ROOT / "deploy" / "ready.py"
     for name, words in SERVED_BROKEN.items():
         r = requests.get(f"{s.management_url}/models/{name}", params={"customized": "true"}, headers=s.headers("management"), timeout=30)
         assert r.status_code == 503, r.text[:300]

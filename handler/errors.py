@@ -1,8 +1,8 @@
 """The few errors a request can cause, and their HTTP status. The one place that maps them.
 
-Everything a client can get wrong is a :class:`RequestError`; the handler turns it into that
-request's status (``context.set_response_status(status, phrase, idx)``) and the body
-``{"error": {"type": ..., "message": ...}}``.
+Everything a client can get wrong is a :class:`RequestError`, and so is a model that could not load
+(:class:`ModelLoadFailed`, a 503 for every request); the handler turns it into that request's status
+(``context.set_response_status(status, phrase, idx)``) and the body ``{"error": {"type": ..., "message": ...}}``.
 
 Anything else is our bug, logged with its traceback. Where it fails decides who gets the error
 (``handler/service.py``):

@@ -291,7 +291,7 @@ def test_bad_config_is_refused_at_initialize(pose_export, images):
     ctx = make_context(pose_export.out_dir, {"imgsz": 600})
     h = YoloHandler()
     h.initialize(ctx)
-    (body,), statuses = run_batch(h, ctx, [{"body": bytearray(images["bus"])}])
+    (body,), statuses = run_batch(h, ctx, [{"body": bytearray(images["bus.jpg"])}])
     assert statuses == [503] and body["error"]["type"] == "model_load_failed", body
     assert "not a multiple of the model's max stride 32" in body["error"]["message"]
 

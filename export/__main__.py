@@ -51,10 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="backbone format: torchscript (backbone.pt, default) or aoti (also backbone.pt2: torch.export + AOTInductor, "
         "compiled for this machine's CPU; the handler serves whichever the metadata names)",
     )
-    p.add_argument("--quantize", choices=("int8",), default=None, help="int8: quantise the backbone (torchao PT2E, X86 Inductor) into an "
-                   "AOTInductor backbone.pt2 calibrated on --calib; NOT equal to Ultralytics (the metadata says \"precision\": \"int8\"; docs/cpu-speed.md)")
-    p.add_argument("--calib", type=Path, default=None, metavar="DIR", help="calibration images for --quantize int8 (undecodable files are skipped and counted)")
-    p.add_argument("--accept-int8-drift", action="store_true", help="keep the INT8 backbone even if it keeps < 95%% of the FP32 detections")
+    p.add_argument("--runtimes", nargs="+", choices=("auto", "torchscript", "aoti", "openvino"), default=["auto"],
+                   help="backbone runtimes to build beside backbone.pt, prove against Ultralytics and measure; the worker's "
+                   "`runtime: auto` takes the fastest proven one that runs on its CPU. auto (default): each installed one "
+                   "(aoti: AOTInductor with freezing, for this machine's CPU; openvino: needs the [openvino] extra); "
+                   "torchscript: backbone.pt alone (docs/cpu-speed.md)")
+    p.add_argument("--quantize", choices=("int8", "bf16"), default=None, help="reduced precision, NOT equal to Ultralytics "
+                   "(every answer says \"precision\"; docs/cpu-speed.md): int8 quantises the backbone calibrated on --calib "
+                   "(--int8-engine); bf16 runs it through OpenVINO in BF16 (needs a CPU with avx512_bf16 or amx_bf16). Both "
+                   "report the drift against FP32 on the calibration and held-out images and refuse below 0.95 recall")
+    p.add_argument("--int8-engine", choices=("openvino", "torchao"), default="openvino", help="--quantize int8 through "
+                   "OpenVINO + NNCF (backbone.xml, default: the faster here) or torchao PT2E + AOTInductor (backbone.pt2)")
+    p.add_argument("--calib", type=Path, default=None, metavar="DIR", help="calibration images for --quantize (undecodable files are skipped and counted)")
+    p.add_argument("--accept-drift", "--accept-int8-drift", dest="accept_drift", action="store_true",
+                   help="keep the reduced-precision backbone even if it keeps < 95%% of the FP32 detections")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with Ultralytics (not recommended)")
     p.add_argument("--seed", type=int, default=0, help="seed for building a .yaml model (default 0)")
     p.add_argument("--archive", action="store_true", help="also build MODEL_STORE/NAME.mar with torch-model-archiver")
@@ -71,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.version):
         p.error(f"--version {args.version!r}: use letters, digits, '.', '_' or '-' (e.g. 2.0); it becomes part of a file name and a URL")
     if args.calib is not None and args.quantize is None:
-        p.error("--calib is for --quantize int8")
+        p.error("--calib is for --quantize int8 or bf16")
     if args.out is None:  # each version its own folder: rerunning the archiver for 1.0 never packs 2.0's files
         args.out = Path("exports") / (args.name if args.version == DEFAULT_MODEL_VERSION else f"{args.name}-{args.version}")
     return args
@@ -88,17 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         print(PICKLE_WARNING, file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        if args.quantize == "int8":
-            from export.quantize import export_int8
+        if args.quantize is not None:
+            from export.quantize import export_reduced
 
-            result = export_int8(
-                args.weights, args.out, args.calib, args.imgsz, args.accept_int8_drift, name=args.name, head=args.head,
-                letterbox=args.letterbox, check=not args.no_check, seed=args.seed, version=args.version,
+            result = export_reduced(
+                args.quantize, args.int8_engine, args.weights, args.out, args.calib, args.imgsz, args.accept_drift,
+                name=args.name, head=args.head, letterbox=args.letterbox, check=not args.no_check, seed=args.seed,
+                version=args.version,
             ).export
         else:
+            from export.runtimes import resolve
+
             result = export_model(
                 args.weights, args.out, args.imgsz, args.name, args.head, args.letterbox, not args.no_check, args.seed,
-                backbone_format=args.format, version=args.version,
+                backbone_format=args.format, version=args.version, runtimes=resolve(args.runtimes),
             )
         if args.archive:
             from export.archive import build_archive

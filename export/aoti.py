@@ -61,13 +61,18 @@ def export_program(loaded: LoadedModel, example_hw: tuple[int, int]) -> torch.ex
 
 
 def compile_package(program: torch.export.ExportedProgram, path: Path, metadata_json: str) -> Path:
-    """AOTInductor-compile ``program`` into the ``.pt2`` at ``path``, with ``metadata_json`` embedded."""
+    """AOTInductor-compile ``program`` into the ``.pt2`` at ``path``, with ``metadata_json`` embedded.
+
+    With ``freezing`` (the weights become constants: oneDNN weight prepacking, conv + unary fusion), which the
+    AOTInductor docs recommend on CPU: 0.84x TorchScript's forward against 0.92x without it (docs/cpu-speed.md). It
+    runs under ``no_grad``: under autograd the freezing passes keep the unfused graph."""
     path.unlink(missing_ok=True)
-    torch._inductor.aoti_compile_and_package(
-        program,
-        package_path=str(path),
-        inductor_configs={"aot_inductor.metadata": {AOTI_METADATA_KEY: metadata_json}},
-    )
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(
+            program,
+            package_path=str(path),
+            inductor_configs={"aot_inductor.metadata": {AOTI_METADATA_KEY: metadata_json}, "freezing": True},
+        )
     return path
 
 

@@ -16,6 +16,9 @@ The command, as the README documents it (from the repository root, export in ``e
         --extra-files exports/yolo/postprocess.pt,exports/yolo/metadata.json,exports/yolo/code \\
         --config-file exports/yolo/model-config.yaml \\
         --export-path model_store --force
+
+``--extra-files`` also lists the files of the runtimes the export proved (``metadata.json`` ``runtimes``), for
+example ``exports/yolo/backbone.xml,exports/yolo/backbone.bin``; the serialized file is always ``backbone.pt``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,15 @@ from pathlib import Path
 import handler
 from export.checkpoint import ExportError
 from handler.config import HandlerConfig, TrackingConfig
-from handler.contract import BACKBONE_FILE, DEFAULT_MODEL_VERSION, METADATA_FILE, MODEL_CONFIG_FILE, POSTPROCESS_FILE, archive_file_name
+from handler.contract import (
+    BACKBONE_FILE,
+    DEFAULT_MODEL_VERSION,
+    METADATA_FILE,
+    MODEL_CONFIG_FILE,
+    POSTPROCESS_FILE,
+    RUNTIMES_KEY,
+    archive_file_name,
+)
 
 CODE_DIR = "code"  # EXPORT_DIR/code/handler/ becomes MODEL_DIR/handler/
 HANDLER_DIR = Path(handler.__file__).resolve().parent
@@ -84,6 +95,8 @@ _HANDLER_COMMENTS = {
     "warmup": "forward passes when the worker loads",
     "torch_threads": "torch.set_num_threads; 0 = auto (on CPU: usable CPUs (affinity, cgroup quota) / maxWorkers, see docs/deploy.md)",
     "cpu_fallback": "GPU worker with unusable CUDA: serve on CPU (true) or fail the load (false)",
+    "runtime": "auto | torchscript | aoti | openvino: what runs the backbone; auto = the export's fastest proven runtime "
+               "that is installed and runs on this CPU (docs/cpu-speed.md)",
 }
 
 
@@ -143,11 +156,35 @@ def model_config_yaml(
     for key, value in values.items():
         comment = f"  # {_TORCHSERVE_COMMENTS[key]}" if key in _TORCHSERVE_COMMENTS else ""
         lines.append(f"{key}: {_yaml_value(value)}{comment}")
-    lines += ["# Settings of handler/yolo_handler.py, validated by handler/config.py when the worker loads", "handler:"]
+    lines += ["# Settings of handler/yolo_handler.py, validated by handler/config.py when the worker loads"]
+    lines += runtime_comment(metadata)
+    lines.append("handler:")
     for key, comment in _HANDLER_COMMENTS.items():
         lines.append(f"  {key}: {_yaml_value(getattr(settings, key))}  # {comment}")
     lines += tracking_section(tracking, values)
     return "\n".join(lines) + "\n"
+
+
+def runtime_comment(metadata: dict | None) -> list[str]:
+    """What the export proved and measured (``runtimes`` in the metadata), as comment lines above ``handler:``: the
+    choice ``runtime: auto`` makes where the first one runs."""
+    from handler.runtime.runtimes import proven_runtimes
+
+    if not metadata or RUNTIMES_KEY not in metadata:
+        return []
+    entries = proven_runtimes(metadata)
+    measured = ", ".join(f"{e.label} {e.forward_ms:.1f} ms" if e.forward_ms is not None else e.label for e in entries)
+    threads = entries[0].threads
+    return [f"# runtimes the export proved, fastest first (raw forward at the export's imgsz, {threads} thread(s)): {measured}",
+            f"# runtime: auto serves {entries[0].label} where it runs; write a runtime below to choose another"]
+
+
+def runtime_files(metadata: dict) -> list[str]:
+    """The backbone files besides ``backbone.pt`` that the archive carries: each proven runtime's, and the format's."""
+    from handler.runtime.runtimes import proven_runtimes
+
+    names = [name for e in proven_runtimes(metadata) for name in e.files] + [metadata.get("backbone", BACKBONE_FILE)]
+    return [name for name in dict.fromkeys(names) if name != BACKBONE_FILE]
 
 
 def read_model_config(path: Path) -> tuple[dict, dict | None]:
@@ -180,21 +217,18 @@ def stage_handler_code(export_dir: Path) -> Path:
     return code
 
 
-def backbone_file(export_dir: Path) -> str:
-    """The backbone file ``metadata.json`` names: ``backbone.pt``, or ``backbone.pt2`` for ``--format aoti``."""
-    return json.loads((export_dir / METADATA_FILE).read_text()).get("backbone", BACKBONE_FILE)
-
-
 def archiver_command(export_dir: Path, name: str, model_store: Path, version: str = DEFAULT_MODEL_VERSION) -> list[str]:
-    """The README's torch-model-archiver command for this export (paths absolute)."""
+    """The README's torch-model-archiver command for this export (paths absolute). The serialized file is always the
+    traced ``backbone.pt`` (the reference); the other runtimes' files go beside it as extra files."""
     exe = Path(sys.executable).with_name("torch-model-archiver")
+    extra = [POSTPROCESS_FILE, METADATA_FILE, *runtime_files(json.loads((export_dir / METADATA_FILE).read_text())), CODE_DIR]
     return [
         str(exe) if exe.exists() else "torch-model-archiver",
         "--model-name", name,
         "--version", version,
-        "--serialized-file", str(export_dir / backbone_file(export_dir)),
+        "--serialized-file", str(export_dir / BACKBONE_FILE),
         "--handler", str(HANDLER_DIR / HANDLER_ENTRY),
-        "--extra-files", ",".join(str(export_dir / f) for f in (POSTPROCESS_FILE, METADATA_FILE, CODE_DIR)),
+        "--extra-files", ",".join(str(export_dir / f) for f in extra),
         "--config-file", str(export_dir / MODEL_CONFIG_FILE),
         "--export-path", str(model_store),
         "--force",
@@ -219,10 +253,10 @@ def build_archive(
     Returns the path of ``model_store/NAME.mar``.
     """
     export_dir, model_store = Path(export_dir).resolve(), Path(model_store).resolve()
-    for f in (METADATA_FILE, POSTPROCESS_FILE, None):
-        f = f or backbone_file(export_dir)  # named by metadata.json, so checked after it
-        if not (export_dir / f).is_file():
-            raise ArchiveError(f"{export_dir / f} not found; run `python -m export` first")
+    for f in (METADATA_FILE, POSTPROCESS_FILE, BACKBONE_FILE, None):
+        for name in [f] if f else runtime_files(json.loads((export_dir / METADATA_FILE).read_text())):  # named by metadata.json
+            if not (export_dir / name).is_file():
+                raise ArchiveError(f"{export_dir / name} not found; run `python -m export` first")
     metadata = json.loads((export_dir / METADATA_FILE).read_text())
     torchserve: dict = {}
     if keep_user_config:

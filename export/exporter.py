@@ -89,9 +89,14 @@ def export_model(
     log: Callable[[str], None] = print,
     backbone_format: str = TORCHSCRIPT_FORMAT,
     version: str = DEFAULT_MODEL_VERSION,
+    runtimes: list[str] | None = None,
 ) -> ExportResult:
     """``backbone_format="aoti"`` also compiles ``backbone.pt2`` (``export/aoti.py``) and names it in the
-    metadata, so that the handler serves it; ``backbone.pt`` is still written, as the reference."""
+    metadata, so that the handler serves it; ``backbone.pt`` is still written, as the reference.
+
+    ``runtimes`` (``aoti``, ``openvino``; see ``export/runtimes.py``): also build those backbone runtimes, prove each
+    against Ultralytics, measure them and record the proven ones, fastest first (``runtime: auto`` in the worker).
+    They need the checks (``check``) and a task of the detection family; otherwise they are skipped with a line."""
     steps: list[tuple[str, float]] = []
     with _step(steps, f"load {weights}", log):
         loaded = load_model(weights, head=head, seed=seed)
@@ -128,6 +133,15 @@ def export_model(
             result.files.append(aoti.compile_package(program, out_dir / AOTI_BACKBONE_FILE, extra[METADATA_FILE]))
     if check:
         verify_export(result, log)
+    if runtimes:
+        if not check:
+            log("  runtimes: skipped (they are proven by the checks, which --no-check turns off)")
+        elif not export_task(loaded).aoti:
+            log(f"  runtimes: skipped ({loaded.task} models are served by backbone.pt)")
+        else:
+            from export.runtimes import add_runtimes
+
+            add_runtimes(result, runtimes, lambda what: _step(steps, what, log), log)
     return result
 
 

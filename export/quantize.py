@@ -1,4 +1,12 @@
-"""``python -m export --quantize int8 --calib DIR``: an INT8 backbone, opt-in, with its drift measured.
+"""``python -m export --quantize int8|bf16 --calib DIR``: a reduced-precision backbone, opt-in, with its drift measured.
+
+Three flows, each ending in the same drift report and refusal (below), each recording its runtime first in the
+metadata's ``runtimes`` (then the FP32 ``backbone.pt``), so that ``runtime: auto`` serves it:
+- ``--quantize bf16``: the OpenVINO IR of ``backbone.pt`` (``export/openvino_ir.py``) compiled with the ``bf16``
+  precision hint. Refused at once on a CPU without BF16 (``avx512_bf16`` or ``amx_bf16``).
+- ``--quantize int8`` (``--int8-engine openvino``, the default: the faster, docs/cpu-speed.md): NNCF post-training
+  quantisation of that IR on the calibration images.
+- ``--quantize int8 --int8-engine torchao``: the flow below, into an AOTInductor ``backbone.pt2``.
 
 The flow (torchao's PT2E, torch 2.14 has no ``torch.ao.quantization``):
   ``torch.export`` of the backbone (dynamic batch, H, W; ``export/aoti.py``) -> ``prepare_pt2e`` with the
@@ -33,18 +41,33 @@ from torch import Tensor
 
 from export.checkpoint import ExportError, LoadedModel
 from export.matching import greedy_match
-from handler.contract import AOTI_BACKBONE_FILE, AOTI_FORMAT, AOTI_METADATA_KEY, BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE
+from handler.contract import (
+    AOTI_BACKBONE_FILE,
+    AOTI_FORMAT,
+    AOTI_METADATA_KEY,
+    AOTI_RUNTIME,
+    BACKBONE_FILE,
+    METADATA_FILE,
+    OPENVINO_RUNTIME,
+    POSTPROCESS_FILE,
+    RUNTIME_FILES,
+    TORCHSCRIPT_RUNTIME,
+)
 from handler.image.decode import ImageDecodeError, decode_image
 from handler.pipeline import YoloPipeline
+from handler.runtime import cpu_flags
+from handler.runtime.runtimes import RuntimeEntry
 
 MATCH_IOU = 0.9
 MIN_RECALL = 0.95
 INT8 = "int8"
+BF16 = "bf16"
+INT8_ENGINES = ("openvino", "torchao")
 MAX_CALIB_IMAGES = 64  # observers settle within tens of images; more only lengthens the export
 
 
 class Int8DriftError(Exception):
-    """INT8 moves the detections more than allowed; the CLI prints it on one line (exit 1)."""
+    """Reduced precision (INT8 or BF16) moves the detections more than allowed; the CLI prints it on one line (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +81,7 @@ def calibration_images(calib: Path | None, limit: int = MAX_CALIB_IMAGES) -> Cal
     """The decodable images of ``calib`` (sorted by name, at most ``limit``); files that do not decode are
     skipped and counted. Raises :class:`ExportError` (exit 2) without a folder or without a readable image."""
     if calib is None:
-        raise ExportError("--quantize int8 needs --calib DIR, a folder of images like the ones it will serve")
+        raise ExportError("--quantize needs --calib DIR, a folder of images like the ones it will serve")
     if not calib.is_dir():
         raise ExportError(f"--calib {calib}: not a folder; give a folder of calibration images")
     images, names, skipped = [], [], 0
@@ -140,21 +163,22 @@ def compile_int8(program: torch.export.ExportedProgram, path: Path, metadata_jso
 
 @dataclass(frozen=True)
 class Drift:
-    """How far INT8 moves one set of images' detections from FP32's."""
+    """How far reduced precision (INT8, BF16) moves one set of images' detections from FP32's."""
 
     images: int
     fp32_detections: int
-    int8_detections: int
-    matched: int  # FP32 detections with an INT8 one of the same class at IoU >= MATCH_IOU
+    int8_detections: int  # the reduced-precision detections
+    matched: int  # FP32 detections with a reduced-precision one of the same class at IoU >= MATCH_IOU
     dscore_mean: float  # |score difference| over the matches
     dscore_max: float
+    precision: str = INT8
 
     @property
     def recall(self) -> float:
         return self.matched / self.fp32_detections if self.fp32_detections else 1.0
 
     def line(self, what: str) -> str:
-        return (f"{what}: {self.images} image(s), {self.fp32_detections} FP32 / {self.int8_detections} INT8 detections, "
+        return (f"{what}: {self.images} image(s), {self.fp32_detections} FP32 / {self.int8_detections} {self.precision.upper()} detections, "
                 f"recall {self.recall:.3f} at IoU>={MATCH_IOU}, dscore mean {self.dscore_mean:.4f} max {self.dscore_max:.4f}")
 
 
@@ -164,7 +188,7 @@ def match(reference: Tensor, candidate: Tensor, iou: float = MATCH_IOU) -> list[
     return [(r, c) for r, c, _ in greedy_match(reference.numpy(), candidate.numpy(), iou)]
 
 
-def drift(fp32: YoloPipeline, int8: YoloPipeline, images: list[np.ndarray]) -> Drift:
+def drift(fp32: YoloPipeline, int8: YoloPipeline, images: list[np.ndarray], precision: str = INT8) -> Drift:
     n_ref = n_got = n_match = 0
     dscores: list[float] = []
     for image in images:
@@ -174,15 +198,15 @@ def drift(fp32: YoloPipeline, int8: YoloPipeline, images: list[np.ndarray]) -> D
         n_ref, n_got, n_match = n_ref + len(ref), n_got + len(got), n_match + len(pairs)
         dscores += [abs(float(ref[r, 4] - got[c, 4])) for r, c in pairs]
     return Drift(len(images), n_ref, n_got, n_match,
-                 float(np.mean(dscores)) if dscores else 0.0, float(np.max(dscores)) if dscores else 0.0)
+                 float(np.mean(dscores)) if dscores else 0.0, float(np.max(dscores)) if dscores else 0.0, precision)
 
 
 def refuse_drift(drifts: list[Drift], accept_drift: bool) -> None:
     """Raise :class:`Int8DriftError` (one line) when any set's recall is below :data:`MIN_RECALL`, unless ``accept_drift``."""
     worst = min(d.recall for d in drifts)
     if worst < MIN_RECALL and not accept_drift:
-        raise Int8DriftError(f"INT8 keeps {worst:.3f} of the FP32 detections (< {MIN_RECALL} at IoU>={MATCH_IOU}); "
-                             "refused: calibrate on more images like the served ones, or pass --accept-int8-drift")
+        raise Int8DriftError(f"{drifts[0].precision.upper()} keeps {worst:.3f} of the FP32 detections (< {MIN_RECALL} at "
+                             f"IoU>={MATCH_IOU}); refused: calibrate on more images like the served ones, or pass --accept-drift")
 
 
 def int8_metadata(metadata: dict) -> dict:
@@ -206,6 +230,8 @@ def rewrite_metadata(out_dir: Path, metadata: dict) -> str:
 
 @dataclass(frozen=True)
 class Int8Result:
+    """What a reduced-precision export wrote (INT8 or BF16) and its drift."""
+
     path: Path
     calibration: Drift
     held_out: Drift
@@ -244,10 +270,82 @@ def quantize_export(result, calib: CalibrationSet, held_out: list[np.ndarray], a
         raise
     final = staged.replace(out_dir / AOTI_BACKBONE_FILE)
     shutil.rmtree(staged.parent, ignore_errors=True)
-    rewrite_metadata(out_dir, meta)
     result.metadata = meta
+    entry = RuntimeEntry(AOTI_RUNTIME, INT8, (AOTI_BACKBONE_FILE,), cpu_flags=tuple(cpu_flags.isa_flags()))
+    record_reduced(result, entry, int8.backbone, fp32, log)
     result.files.append(final)
     return Int8Result(final, on_calib, on_held, calib.skipped, result)
+
+
+def record_reduced(result, entry: RuntimeEntry, backbone, fp32: YoloPipeline, log: Callable[[str], None]) -> None:
+    """Measure the reduced-precision runtime beside the FP32 ``backbone.pt`` and write both into the metadata, the
+    reduced one first (the user asked for it; ``runtime: auto`` serves it where it runs)."""
+    from export.runtimes import measure_and_record
+
+    reference = RuntimeEntry(TORCHSCRIPT_RUNTIME, files=tuple(RUNTIME_FILES[TORCHSCRIPT_RUNTIME]))
+    measure_and_record(result, {entry.label: (entry, backbone), reference.label: (reference, fp32.backbone)}, fp32, log,
+                       first=entry.label)
+
+
+def check_bf16_cpu() -> None:
+    """Raise :class:`ExportError` on a CPU without BF16: OpenVINO would run in f32 and nothing would be gained."""
+    if not cpu_flags.has_bf16():
+        raise ExportError(f"--quantize bf16 needs a CPU with BF16 ({' or '.join(cpu_flags.BF16_FLAGS)}); this CPU has "
+                          f"{cpu_flags.summary()}: export and serve on such a CPU, or serve FP32 (without --quantize)")
+
+
+def openvino_reduced(result, precision: str, calib: CalibrationSet, held_out: list[np.ndarray], accept_drift: bool = False,
+                     log: Callable[[str], None] = print) -> Int8Result:
+    """Turn the FP32 export ``result`` into a ``precision`` (bf16 or int8) OpenVINO export in place: the IR (NNCF-
+    quantised for int8), its drift against ``backbone.pt``, the refusal below :data:`MIN_RECALL` (the IR is removed,
+    the FP32 files stay as they were), then the runtimes recorded with it first."""
+    from export import openvino_ir
+    from export.metadata import to_json
+    from export.runtimes import load, pipeline_with
+    from handler.runtime.cpu_budget import auto_threads
+
+    out_dir: Path = result.out_dir
+    fp32 = YoloPipeline.from_dir(out_dir, runtime=TORCHSCRIPT_RUNTIME)
+    if calib.skipped:
+        log(f"  calibration: {calib.skipped} file(s) did not decode, skipped")
+    log(f"  calibration: {len(calib.images)} image(s)")
+    meta = {**result.metadata, "precision": precision}
+    model = openvino_ir.convert(out_dir, tuple(fp32.imgsz))
+    if precision == INT8:
+        inputs = [fp32.to_input([fp32.prepare(image).pixels]).contiguous().numpy() for image in calib.images]
+        model = openvino_ir.quantize_int8(model, inputs)
+    xml = openvino_ir.save(model, out_dir, to_json(meta))
+    entry = RuntimeEntry(OPENVINO_RUNTIME, precision, tuple(RUNTIME_FILES[OPENVINO_RUNTIME]))
+    reduced = pipeline_with(fp32, load(entry, out_dir, auto_threads(1).threads))
+    on_calib, on_held = drift(fp32, reduced, calib.images, precision), drift(fp32, reduced, held_out, precision)
+    log("  " + on_calib.line(f"{precision.upper()} drift, calibration"))
+    log("  " + on_held.line(f"{precision.upper()} drift, held-out"))
+    try:
+        refuse_drift([on_calib, on_held], accept_drift)
+    except Int8DriftError:
+        for name in entry.files:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
+    result.metadata = meta
+    record_reduced(result, entry, reduced.backbone, fp32, log)
+    result.files += [out_dir / name for name in entry.files]
+    return Int8Result(xml, on_calib, on_held, calib.skipped, result)
+
+
+def export_reduced(precision: str, engine: str, weights: str, out_dir: Path, calib_dir: Path | None, imgsz: list[int] | None,
+                   accept_drift: bool = False, log: Callable[[str], None] = print, **export_kwargs) -> Int8Result:
+    """``python -m export --quantize bf16|int8 [--int8-engine ENGINE] --calib DIR``: the FP32 export (checked against
+    Ultralytics), then its reduced-precision backbone. The CPU and the calibration folder are checked first."""
+    from export.exporter import export_model, sample_images
+
+    if precision == BF16:
+        check_bf16_cpu()
+    if precision == INT8 and engine == "torchao":
+        return export_int8(weights, out_dir, calib_dir, imgsz, accept_drift, log, **export_kwargs)
+    calib = calibration_images(calib_dir)
+    result = export_model(weights, out_dir, imgsz, log=log, **export_kwargs)
+    held_out = [decode_image(p.read_bytes()) for p in sample_images() if p.name not in calib.names]
+    return openvino_reduced(result, precision, calib, held_out, accept_drift, log)
 
 
 def export_int8(weights: str, out_dir: Path, calib_dir: Path | None, imgsz: list[int] | None, accept_drift: bool = False,

@@ -14,6 +14,8 @@ Example (every key optional; these are the defaults)::
       torch_threads: 0        # torch.set_num_threads; 0 = auto (on CPU: usable CPUs (affinity, cgroup quota) / maxWorkers)
       cpu_fallback: false     # a GPU worker whose CUDA is unusable serves on CPU (loud log + metric) instead of failing
       preprocess: cpu         # cpu (letterbox with OpenCV) | device (upload the decoded image, letterbox on the model's device; same pixels)
+      runtime: auto           # auto | torchscript | aoti | openvino: what runs the backbone (handler/runtime/runtimes.py);
+                              # auto: the export's fastest proven runtime that is installed and runs on this CPU
 
 The ``tracking:`` section, a sibling of ``handler:`` (video streams, ``docs/tracking.md``)::
 
@@ -37,6 +39,7 @@ from typing import Any
 
 from handler.image.letterbox import LETTERBOX_MODES
 from handler.tasks.detect import LIMITS, Thresholds
+from handler.runtime.runtimes import RUNTIME_SETTINGS
 from handler.tracking.params import BotSortParams, ByteTrackParams, TrackerParams, tracker_name, tracker_params
 
 _SECTION = "handler"
@@ -100,6 +103,7 @@ class HandlerConfig:
     torch_threads: int = 0  # 0: auto, see handler/runtime/device.py set_threads
     cpu_fallback: bool = False  # see yolo_handler.YoloHandler.initialize
     preprocess: str = "cpu"  # one of PREPROCESS_MODES
+    runtime: str = "auto"  # one of RUNTIME_SETTINGS
 
     @classmethod
     def from_dict(cls, section: dict | None) -> "HandlerConfig":
@@ -112,6 +116,9 @@ class HandlerConfig:
         preprocess = get("preprocess", d.preprocess)
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"{_where('preprocess')} must be one of {list(PREPROCESS_MODES)}, got {preprocess!r}; write e.g. `preprocess: cpu`")
+        runtime = get("runtime", d.runtime)
+        if runtime not in RUNTIME_SETTINGS:
+            raise ValueError(f"{_where('runtime')} must be one of {list(RUNTIME_SETTINGS)}, got {runtime!r}; write e.g. `runtime: auto`")
         for key, value in (("half", half), ("cpu_fallback", cpu_fallback)):
             if not isinstance(value, bool):
                 raise ValueError(f"{_where(key)} must be true or false, got {value!r}; write e.g. `{key}: false`")
@@ -127,6 +134,7 @@ class HandlerConfig:
             torch_threads=_integer("torch_threads", get("torch_threads", d.torch_threads), 0, 1024, "0"),
             cpu_fallback=cpu_fallback,
             preprocess=preprocess,
+            runtime=runtime,
         )
 
     def check_model(self, metadata: dict) -> None:

@@ -17,7 +17,9 @@ CONTRACT_VERSION = 2  # 2: a third postprocessor output (masks), segment and obb
 # Files of an export directory (``python -m export --out DIR``) and of the model directory of a .mar.
 METADATA_FILE = "metadata.json"  # also the key of the metadata in the TorchScript _extra_files
 BACKBONE_FILE = "backbone.pt"  # traced TorchScript backbone
-AOTI_BACKBONE_FILE = "backbone.pt2"  # AOTInductor package (``--format aoti``)
+AOTI_BACKBONE_FILE = "backbone.pt2"  # AOTInductor package (``--format aoti``, or a runtime the export proved)
+OPENVINO_IR_FILE = "backbone.xml"  # OpenVINO IR of the backbone (the openvino runtime), with its weights:
+OPENVINO_WEIGHTS_FILE = "backbone.bin"
 POSTPROCESS_FILE = "postprocess.pt"  # scripted postprocessor
 MODEL_CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model settings, with our ``handler:`` section
 DEFAULT_MODEL_VERSION = "1.0"  # NAME.mar; any other version is archived as NAME-VERSION.mar
@@ -37,6 +39,17 @@ TORCHSCRIPT_FORMAT = "torchscript"
 AOTI_FORMAT = "aoti"
 BACKBONE_FILES = {TORCHSCRIPT_FORMAT: BACKBONE_FILE, AOTI_FORMAT: AOTI_BACKBONE_FILE}
 AOTI_METADATA_KEY = METADATA_FILE  # key of the export metadata in an AOTInductor package's metadata
+
+# Backbone runtimes (model-config.yaml ``handler: runtime:``): what runs the backbone in the worker. Every one has the
+# traced backbone's contract (``float32[B, 3, H, W]`` -> tuple of raw head outputs); ``handler/runtime/runtimes.py``.
+TORCHSCRIPT_RUNTIME = "torchscript"  # backbone.pt, always in the archive: the reference
+AOTI_RUNTIME = "aoti"  # backbone.pt2
+OPENVINO_RUNTIME = "openvino"  # backbone.xml + backbone.bin
+RUNTIMES = (TORCHSCRIPT_RUNTIME, AOTI_RUNTIME, OPENVINO_RUNTIME)
+RUNTIME_FILES = {TORCHSCRIPT_RUNTIME: [BACKBONE_FILE], AOTI_RUNTIME: [AOTI_BACKBONE_FILE],
+                 OPENVINO_RUNTIME: [OPENVINO_IR_FILE, OPENVINO_WEIGHTS_FILE]}
+PRECISIONS = ("fp32", "bf16", "int8")  # fp32 is equal to Ultralytics; bf16 and int8 only by the user's choice
+RUNTIMES_KEY = "runtimes"  # metadata: the runtimes the export proved, fastest first (OPTIONAL_METADATA_KEYS)
 
 # The keys of metadata.json, in the order the exporter writes them, with what each holds.
 METADATA_KEYS: dict[str, str] = {
@@ -67,7 +80,10 @@ METADATA_KEYS: dict[str, str] = {
 
 # Optional keys: present only where they apply, so older exports stay valid.
 OPTIONAL_METADATA_KEYS: dict[str, str] = {
-    "precision": "'int8' for an INT8 backbone (python -m export --quantize int8); absent: fp32",
+    "precision": "'int8' | 'bf16': the reduced precision of the export's chosen runtime (--quantize); absent: fp32",
+    RUNTIMES_KEY: "list of {runtime, precision, files, forward_ms, threads, cpu_flags (aoti: the ISA its code needs)}: "
+    "the runtimes the export proved against Ultralytics (or within the drift allowed), fastest first; absent: the "
+    "format's backbone alone",
 }
 
 

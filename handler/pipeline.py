@@ -32,6 +32,7 @@ from handler.config import PREPROCESS_MODES
 from handler.image import letterbox_torch
 from handler.runtime.artifacts import load_artifacts
 from handler.runtime.overlap import SideStream, Staged, run_groups
+from handler.runtime.runtimes import AUTO, runtime_of
 from handler.tasks import PreparedImage, Task, task_for
 from handler.tasks.base import Placement
 
@@ -100,9 +101,20 @@ class YoloPipeline:
         self.postprocess = postprocess
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu", **kwargs) -> "YoloPipeline":
-        backbone, postprocess, metadata = load_artifacts(model_dir, torch.device(device))
+    def from_dir(cls, model_dir: str | Path, device: torch.device | str = "cpu", runtime: str = AUTO, **kwargs) -> "YoloPipeline":
+        """The exported files of ``model_dir``, the backbone run by ``runtime`` (``handler.runtime``)."""
+        backbone, postprocess, metadata = load_artifacts(model_dir, torch.device(device), runtime)
         return cls(backbone, postprocess, metadata, device=device, **kwargs)
+
+    @property
+    def runtime(self) -> str:
+        """What runs the backbone: torchscript | aoti | openvino (``handler/runtime/runtimes.py``)."""
+        return runtime_of(self.backbone)[0]
+
+    @property
+    def precision(self) -> str:
+        """The backbone's precision: fp32 (equal to Ultralytics), or the bf16 / int8 the export was asked for."""
+        return runtime_of(self.backbone)[1]
 
     @property
     def nc(self) -> int:

@@ -37,12 +37,14 @@ class ModelInfo:
     names: Sequence[str]
     nkpt: int  # 0 for models without keypoints
     version: str = "1.0"
-    precision: str = "fp32"  # "int8": an INT8 backbone (python -m export --quantize int8), not equal to Ultralytics
+    precision: str = "fp32"  # "int8" | "bf16": the backbone runtime's reduced precision (--quantize), not equal to Ultralytics
 
     @classmethod
-    def from_metadata(cls, meta: dict, name: str | None = None, version: str | None = None) -> "ModelInfo":
+    def from_metadata(cls, meta: dict, name: str | None = None, version: str | None = None,
+                      precision: str | None = None) -> "ModelInfo":
         """The one place that reads these from ``metadata.json``; ``name`` and ``version`` override the
-        exported ones (TorchServe's model name and the archive's version)."""
+        exported ones (TorchServe's model name and the archive's version), ``precision`` the exported one (the
+        precision of the runtime that answers)."""
         kpt_shape = meta.get("kpt_shape")
         return cls(
             name=name or meta["name"],
@@ -50,7 +52,7 @@ class ModelInfo:
             names=list(meta["names"]),
             nkpt=kpt_shape[0] if kpt_shape else 0,
             version=str(version or meta["model_version"]),
-            precision=str(meta.get("precision", "fp32")),
+            precision=str(precision or meta.get("precision", "fp32")),
         )
 
 
@@ -66,7 +68,7 @@ def score(v: float, full: bool = False) -> float:
 
 def response_body(info: ModelInfo, width: int, height: int, key: str, results: Any, speed_ms: dict[str, float]) -> dict:
     """The body of one answered request, keys in schema order. ``"precision"`` is there only when the
-    backbone is not the FP32 export (INT8), the one case where the answer is not Ultralytics' own."""
+    backbone does not run in FP32 (INT8, BF16), the one case where the answer is not Ultralytics' own."""
     body: dict = {"model": info.name, "model_version": info.version}
     if info.precision != "fp32":
         body["precision"] = info.precision

@@ -100,7 +100,7 @@ class YoloService:
         self.pipeline = pipeline
         self.config = config
         self.task = pipeline.task
-        self.info = ModelInfo.from_metadata(pipeline.metadata, name, version)
+        self.info = ModelInfo.from_metadata(pipeline.metadata, name, version, precision=pipeline.precision)
         self.defaults = self.task.default_options(config)
         self.tracking = tracking
         self.streams = VideoStreams(tracking, self.task.trackable, self.task.name)  # this process's video streams
@@ -124,7 +124,7 @@ class YoloService:
         if half and device.type != "cuda":
             logger.warning("handler.half is true but the worker runs on %s; FP16 is CUDA-only, serving in FP32", device)
             half = False
-        backbone, postprocess, meta = load_artifacts(model_dir, device)
+        backbone, postprocess, meta = load_artifacts(model_dir, device, config.runtime)
         config.check_model(meta)
         pipeline = YoloPipeline(
             backbone,
@@ -245,7 +245,8 @@ class YoloService:
 
     def describe(self) -> dict:
         """What a client needs to know to call this model (TorchServe's ``GET /models/NAME?customized=true``
-        shows it as ``customizedMetadata``): its task, class names, request parameters and input size."""
+        shows it as ``customizedMetadata``): its task, class names, request parameters and input size, and the
+        runtime and precision that answer (``precision`` other than fp32: not equal to Ultralytics)."""
         meta = self.pipeline.metadata
         return {
             "model": self.info.name,
@@ -257,6 +258,8 @@ class YoloService:
             "letterbox": self.pipeline.letterbox_mode,
             "kpt_shape": meta.get("kpt_shape"),
             "format": meta.get("format"),
+            "runtime": self.pipeline.runtime,
+            "precision": self.info.precision,
             "contract": meta.get("contract"),
             "exported_with": meta.get("versions"),
             "tracking": self._describe_tracking(),

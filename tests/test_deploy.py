@@ -429,7 +429,7 @@ def test_archive_model_defaults_when_the_yaml_omits_keys(tmp_path):
 
 
 _IMPORT_TO_REQUIREMENT = {"cv2": "opencv-python-headless", "PIL": "pillow", "numpy": "numpy", "lap": "lap",
-                          "ts": "torchserve", "yaml": "pyyaml"}
+                          "ts": "torchserve", "yaml": "pyyaml", "openvino": "openvino"}
 
 
 def _third_party_imports(root: Path) -> set[str]:
@@ -448,7 +448,7 @@ def test_requirements_cover_everything_the_worker_imports():
     required = {re.split(r"[=<>~! \[]", line.strip(), maxsplit=1)[0].lower()
                 for line in REQUIREMENTS.read_text().splitlines() if line.strip() and not line.startswith("#")}
     imports = _third_party_imports(REPO_ROOT / "handler")
-    assert "torch" in imports and "ts" in imports
+    assert "torch" in imports and "ts" in imports and "openvino" in imports  # every backbone runtime is in the image
     for name in sorted(imports - {"torch"}):
         assert name in _IMPORT_TO_REQUIREMENT, f"handler/ imports {name!r}: add it to deploy/requirements.txt and this map"
         assert _IMPORT_TO_REQUIREMENT[name] in required, f"handler/ imports {name!r} but deploy/requirements.txt lacks it"
@@ -472,6 +472,14 @@ def test_dockerfile_recipe():
     assert json.loads(entrypoint)[-1] == "/opt/yolo/deploy/entrypoint.sh"
     assert "tini" in json.loads(entrypoint)[0], "PID 1 must forward SIGTERM"
     assert "--foreground" in ENTRYPOINT.read_text()
+
+
+def test_both_images_install_and_import_every_backbone_runtime():
+    """The openvino runtime comes from deploy/requirements.txt in the serving image and in the KServe image; each build
+    imports it, so an image without it fails to build instead of serving the slower runtime."""
+    for dockerfile in (DOCKERFILE, KSERVE_DOCKERFILE):
+        run = " ".join(Dockerfile.parse(dockerfile).all("RUN"))
+        assert "requirements.txt" in run and re.search(r"import [^\"]*\bopenvino\b", run), dockerfile.name
 
 
 def test_dockerfile_copies_files_that_exist_and_are_in_the_build_context():

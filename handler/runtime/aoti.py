@@ -1,11 +1,16 @@
-"""Loading an AOTInductor backbone (``backbone.pt2``, written by ``python -m export --format aoti``).
+"""The AOTInductor runtime: loading ``backbone.pt2`` (written by ``python -m export --format aoti``, by the runtime
+step of the export, or by ``--quantize int8`` with torchao).
 
-``handler/pipeline.py`` calls :func:`load_aoti_backbone` when the export metadata says
-``"format": "aoti"``; the result is called exactly like the traced ``backbone.pt``:
-``images: float32[B, 3, H, W]`` -> tuple of ``[B, no, H / stride_i, W / stride_i]``.
+``handler/runtime/runtimes.py`` calls :func:`load_aoti_backbone` for the ``aoti`` runtime; the result is called exactly
+like the traced ``backbone.pt``: ``images: float32[B, 3, H, W]`` -> tuple of ``[B, no, H / stride_i, W / stride_i]``.
 
-A ``.pt2`` is machine code for one device type (and CPU ISA / GPU architecture): it runs on the device
-it was compiled for, in fp32. ``half`` is not available for it.
+A ``.pt2`` is machine code for one device type and, on CPU, for the export machine's instruction set (Inductor
+compiles with ``-march=native``): the export records the CPU's ISA flags (``handler/runtime/cpu_flags.py``) and the
+loader refuses a CPU that lacks one, before the code is loaded, so that it fails with a message, not SIGILL. It runs
+in fp32 (or the int8 of ``--quantize int8``). ``half`` is not available for it.
+
+Threads: the compiled kernels use OpenMP with torch's thread count (``torch.set_num_threads``, set by the worker's
+thread policy before the load).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from handler.contract import AOTI_BACKBONE_FILE, AOTI_METADATA_KEY  # noqa: F401 - AOTI_BACKBONE_FILE for callers
+from handler.contract import AOTI_BACKBONE_FILE, AOTI_METADATA_KEY, AOTI_RUNTIME  # noqa: F401 - AOTI_BACKBONE_FILE for callers
+from handler.runtime import cpu_flags
 
 AOTI_MAX_BATCH = 64  # the dynamic dimensions export/aoti.py compiles for: batch 1..64,
 AOTI_MAX_SIDE = 2048  # H and W from max_stride to 2048 pixels (multiples of max_stride)
@@ -26,9 +32,12 @@ _AOTI_DEVICE_KEY = "AOTI_DEVICE_KEY"  # what AOTInductor itself records: "cpu" o
 class AotiBackbone:
     """A loaded ``backbone.pt2``, callable like the TorchScript backbone."""
 
-    def __init__(self, compiled, device: torch.device) -> None:
+    runtime = AOTI_RUNTIME
+
+    def __init__(self, compiled, device: torch.device, precision: str = "fp32") -> None:
         self._compiled = compiled  # torch._inductor AOTICompiledModel
         self.device = device
+        self.precision = precision
 
     def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
         """``images: float32[B, 3, H, W]`` -> the raw head outputs. The compiled code reads its input with the
@@ -52,10 +61,26 @@ class AotiBackbone:
         )
 
 
-def load_aoti_backbone(path: Path, device: torch.device) -> tuple[AotiBackbone, dict]:
-    """Load ``path`` for ``device``; returns the backbone and its embedded export metadata.
+def check_cpu(path: Path, required: list[str] | None) -> None:
+    """Raise ``ValueError`` when this CPU lacks an instruction-set flag of ``required`` (the export CPU's, recorded
+    in the metadata's ``runtimes`` entry): the code would die with SIGILL on the first instruction it lacks."""
+    lacking = cpu_flags.missing(required)
+    if lacking:
+        raise ValueError(
+            f"{path.name} was compiled for a CPU with {' '.join(lacking)}, which this CPU lacks (it would crash with SIGILL); "
+            "set `runtime: torchscript` (or openvino) in model-config.yaml, or export again on this machine type"
+        )
 
-    Raises ``ValueError`` when the package has no metadata or was compiled for another device type."""
+
+def load_aoti_backbone(path: Path, device: torch.device, required_flags: list[str] | None = None,
+                       precision: str = "fp32") -> tuple[AotiBackbone, dict]:
+    """Load ``path`` for ``device``; returns the backbone and its embedded export metadata. ``required_flags``: the
+    CPU flags the package's code needs (checked before it is loaded); ``precision``: what the metadata says it runs.
+
+    Raises ``ValueError`` when the package has no metadata, was compiled for another device type, or needs an
+    instruction-set extension this CPU lacks."""
+    if device.type == "cpu":
+        check_cpu(path, required_flags)
     import torch._inductor  # noqa: F401 - only AOTI users pay for importing Inductor
 
     index = device.index if device.type == "cuda" and device.index is not None else -1
@@ -69,4 +94,4 @@ def load_aoti_backbone(path: Path, device: torch.device) -> tuple[AotiBackbone, 
             f"{path} was compiled for {built_for} and cannot run on {device.type}; run `python -m export --format aoti` "
             f"on a machine with the {device.type} device it will be served on"
         )
-    return AotiBackbone(compiled, device), json.loads(meta[AOTI_METADATA_KEY])
+    return AotiBackbone(compiled, device, precision), json.loads(meta[AOTI_METADATA_KEY])

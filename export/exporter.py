@@ -20,6 +20,7 @@ from export.tasks import EXPORT_TASKS, export_task, load_model, raw_network, run
 from handler.contract import (
     AOTI_BACKBONE_FILE,
     AOTI_FORMAT,
+    AOTI_RUNTIME,
     BACKBONE_FILE,
     DEFAULT_MODEL_VERSION,
     METADATA_FILE,
@@ -133,6 +134,8 @@ def export_model(
             result.files.append(aoti.compile_package(program, out_dir / AOTI_BACKBONE_FILE, extra[METADATA_FILE]))
     if check:
         verify_export(result, log)
+    if backbone_format == AOTI_FORMAT and check:  # its entry records the ISA the .pt2 needs (the worker's guard)
+        runtimes = [AOTI_RUNTIME, *[r for r in runtimes or () if r != AOTI_RUNTIME]]
     if runtimes:
         if not check:
             log("  runtimes: skipped (they are proven by the checks, which --no-check turns off)")

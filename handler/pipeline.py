@@ -59,6 +59,17 @@ def bgr_to_rgb_into(pixels: list[np.ndarray], out: np.ndarray) -> None:
         cv2.cvtColor(p, cv2.COLOR_BGR2RGB, dst=out[j])
 
 
+def planar_input(pixels: list[np.ndarray]) -> Tensor:
+    """``n x uint8[H, W, 3]`` BGR -> ``float32[n, 3, H, W]`` RGB 0..1, dense NCHW (CPU), the values of
+    :meth:`YoloPipeline.to_input`: OpenCV splits the planes into place in RGB order, and the one float division
+    follows. For a runtime that reads NCHW, this saves the copy out of channels-last (0.2-0.7 ms at 640x480)."""
+    planes = np.empty((len(pixels), 3, *pixels[0].shape[:2]), np.uint8)  # [n, 3, H, W]
+    for j, p in enumerate(pixels):
+        for c, plane in zip((2, 1, 0), cv2.split(p)):  # B, G, R -> channels 2, 1, 0
+            planes[j, c] = plane
+    return torch.from_numpy(planes).float().div_(255)
+
+
 class YoloPipeline:
     """The task's transform, batch by shape, ``backbone.pt`` then ``postprocess.pt``.
 
@@ -144,6 +155,8 @@ class YoloPipeline:
             bgr_to_rgb_into(pixels, host.numpy())
             batch = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [n, 3, H, W]
             return (batch.half() if self.half else batch.float()).div_(255)
+        if not getattr(self.backbone, "channels_last", True):  # a runtime that reads dense NCHW (OpenVINO)
+            return planar_input(pixels)
         rgb = np.stack([cv2.cvtColor(p, cv2.COLOR_BGR2RGB) for p in pixels])  # [n, H, W, 3] uint8
         batch = torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [n, 3, H, W]
         return (batch.half() if self.half else batch.float()).div_(255)

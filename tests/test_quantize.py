@@ -67,7 +67,7 @@ def test_refusal_below_min_recall_unless_accepted():
     good = Drift(2, 100, 100, 100, 0.01, 0.02)
     bad = Drift(2, 100, 90, 90, 0.01, 0.02)
     refuse_drift([good, good], accept_drift=False)
-    with pytest.raises(Int8DriftError, match="--accept-int8-drift"):
+    with pytest.raises(Int8DriftError, match="INT8 keeps 0.900 .* pass --accept-drift"):
         refuse_drift([good, bad], accept_drift=False)
     refuse_drift([good, bad], accept_drift=True)
     assert bad.recall < MIN_RECALL <= good.recall

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import sys
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
 from export.archive import model_config_yaml, runtime_files
 from handler.config import HandlerConfig
 from handler.contract import ArtifactError
+from handler.image.decode import decode_image
 from handler.runtime import cpu_flags
 from handler.runtime.aoti import check_cpu
 from handler.runtime.runtimes import RUNTIME_SETTINGS, RuntimeEntry, choose_runtime, proven_runtimes
@@ -221,3 +224,14 @@ def test_this_machine_reports_its_flags():
     if cpu_flags.cpu_flags() is None:
         pytest.skip("no /proc/cpuinfo on this platform")
     assert cpu_flags.isa_flags() and cpu_flags.summary() != "unknown (no /proc/cpuinfo)"
+
+
+def test_planar_input_is_the_channels_last_input_value_for_value(sample_images):
+    """The NCHW input OpenVINO gets (handler.pipeline.planar_input) holds exactly the values torch runtimes get."""
+    from handler.image.letterbox import letterbox
+    from handler.pipeline import planar_input
+
+    pixels = [letterbox(decode_image(p.read_bytes()), [640, 640], 32, "rect")[0] for p in sample_images[:1]] * 2
+    planar = planar_input(pixels)
+    rgb = torch.from_numpy(np.stack([cv2.cvtColor(p, cv2.COLOR_BGR2RGB) for p in pixels])).permute(0, 3, 1, 2).float().div_(255)
+    assert planar.is_contiguous() and planar.shape == rgb.shape and torch.equal(planar, rgb)

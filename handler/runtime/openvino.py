@@ -55,6 +55,7 @@ class OpenVinoBackbone:
     as a worker calls it)."""
 
     runtime = OPENVINO_RUNTIME
+    channels_last = False  # reads dense NCHW: YoloPipeline.to_input makes it so (pipeline.planar_input)
 
     def __init__(self, compiled, precision: str, threads: int) -> None:
         self._compiled = compiled  # openvino.CompiledModel

@@ -77,8 +77,11 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from handler.runtime import cpu_flags
+
     return {
         "cpu": cpu,
+        "cpu_flags": cpu_flags.summary(),
         "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -185,6 +188,7 @@ def measure_config(cfg, args, work: Path, export_dir: Path, proc, samples: Sampl
 def run(args: argparse.Namespace, work: Path, command: str) -> int:
     from bench import inprocess, report
     from export.exporter import export_model, sample_images
+    from export.runtimes import resolve
     from handler.pipeline import YoloPipeline
 
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -195,13 +199,17 @@ def run(args: argparse.Namespace, work: Path, command: str) -> int:
     frame = inprocess.generated_frame(work / "frame_3840x2160.jpg", zidane)
     images = [inprocess.BenchImage(p.name, p, p.read_bytes()) for p in (bus, zidane, frame)]
 
-    log(f"export {args.weights} -> {work / 'export'}")
+    log(f"export {args.weights} -> {work / 'export'} (every installed runtime, proven and measured, as the CLI does)")
     export_dir = work / "export"
-    export_model(args.weights, export_dir, [640, 640], check=False, log=lambda _: None)
-    # on a CUDA machine the served workers, U and T all use the GPU, so L0/L1 do too (FP32; FP16 in the GPU section)
+    result = export_model(args.weights, export_dir, [640, 640], runtimes=resolve(["auto"], log), log=lambda _: None)
+    # on a CUDA machine the served workers, U and T all use the GPU, so L0/L1 do too (FP32; FP16 in the GPU section).
+    # L0/L1 run the runtime the served archive runs (runtime: auto)
     pipeline = YoloPipeline.from_dir(export_dir, "cuda" if torch.cuda.is_available() else "cpu")
     pipeline.warmup(2)
     proc = inprocess.InProcess(pipeline, args.weights, images)
+    results["meta"]["engines"] = {"L0/L1/S": f"ours, runtime {pipeline.runtime} {pipeline.precision} (runtime: auto)",
+                                  "U": "YOLO(pt).predict, torch fp32", "T": "baseline handler, torch fp32"}
+    results["meta"]["runtimes"] = result.metadata.get("runtimes")  # the export's proof: each runtime's forward
     results["meta"]["threads"] = {"L0/L1": "cores / workers of the configuration", "U": proc.u_threads, "cores": cores}
     samples: Samples = {}
     stages: Samples = {}

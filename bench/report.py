@@ -130,8 +130,17 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
         f"Run {meta['date']} on {m['cpu']} ({cores} cores, {m['memory_gb']} GB RAM, "
         f"CUDA: {m['cuda'] or 'none'}), Python {m['python']}, torch {m['torch']}, ultralytics {m['ultralytics']}; "
         f"load average at start {m['load_average_at_start']}; took {meta.get('duration_s', '?')} s.",
+        f"CPU flags: {m.get('cpu_flags', 'not recorded')}.",
         "",
         f"Command: `{meta['command']}`",
+        "",
+    ]
+    for system, engine in (meta.get("engines") or {}).items():
+        lines.append(f"- {system}: {engine}")
+    if meta.get("runtimes"):
+        lines.append("- the export's runtimes, raw forward p50 at its imgsz: " + ", ".join(
+            f"{e['runtime']} {e['precision']} {e['forward_ms']} ms ({e['threads']} thread(s))" for e in meta["runtimes"]))
+    lines += [
         "",
         "#### Targets",
         "",

@@ -254,9 +254,9 @@ def build_archive(
     """
     export_dir, model_store = Path(export_dir).resolve(), Path(model_store).resolve()
     for f in (METADATA_FILE, POSTPROCESS_FILE, BACKBONE_FILE, None):
-        for name in [f] if f else runtime_files(json.loads((export_dir / METADATA_FILE).read_text())):  # named by metadata.json
-            if not (export_dir / name).is_file():
-                raise ArchiveError(f"{export_dir / name} not found; run `python -m export` first")
+        for needed in [f] if f else runtime_files(json.loads((export_dir / METADATA_FILE).read_text())):  # named by metadata.json
+            if not (export_dir / needed).is_file():
+                raise ArchiveError(f"{export_dir / needed} not found; run `python -m export` first")
     metadata = json.loads((export_dir / METADATA_FILE).read_text())
     torchserve: dict = {}
     if keep_user_config:

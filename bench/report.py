@@ -139,7 +139,8 @@ def render_markdown(results: dict, plot_name: str | None = None) -> str:
         lines.append(f"- {system}: {engine}")
     if meta.get("runtimes"):
         lines.append("- the export's runtimes, raw forward p50 at its imgsz: " + ", ".join(
-            f"{e['runtime']} {e['precision']} {e['forward_ms']} ms ({e['threads']} thread(s))" for e in meta["runtimes"]))
+            f"{e['runtime']} {e['precision']} " + " / ".join(f"{ms} ms at {t} thread(s)" for t, ms in (e.get("forward_ms") or {}).items())
+            for e in meta["runtimes"]))
     lines += [
         "",
         "#### Targets",

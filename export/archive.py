@@ -173,10 +173,9 @@ def runtime_comment(metadata: dict | None) -> list[str]:
     if not metadata or RUNTIMES_KEY not in metadata:
         return []
     entries = proven_runtimes(metadata)
-    measured = ", ".join(f"{e.label} {e.forward_ms:.1f} ms" if e.forward_ms is not None else e.label for e in entries)
-    threads = entries[0].threads
-    return [f"# runtimes the export proved, fastest first (raw forward at the export's imgsz, {threads} thread(s)): {measured}",
-            f"# runtime: auto serves {entries[0].label} where it runs; write a runtime below to choose another"]
+    lines = ["# runtimes the export proved, fastest first (raw forward p50 at the export's imgsz, on the export machine):"]
+    lines += [f"#   {e.label}: {e.measured}" for e in entries]
+    return lines + [f"# runtime: auto serves {entries[0].label} where it runs; write a runtime below to choose another"]
 
 
 def runtime_files(metadata: dict) -> list[str]:

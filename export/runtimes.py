@@ -16,7 +16,8 @@ choice, with its drift report (``export/quantize.py``).
 
 Measurement: the raw forward of ``bus.jpg`` letterboxed as served, each runtime in chunks of calls that alternate
 between runtimes, a pause between chunks (torch's OpenMP threads spin after a call and would slow the next engine),
-at the thread count a one-worker model gets here (``handler/runtime/cpu_budget.py``); the p50 per runtime.
+at 1 thread pinned to one CPU and at the thread count a one-worker model gets here (``handler/runtime/cpu_budget.py``);
+the p50 per runtime and thread count, the runtimes ordered by their sum.
 """
 
 from __future__ import annotations
@@ -158,24 +159,49 @@ def measure(backbones: dict[str, object], x: torch.Tensor, threads: int, chunks:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def thread_counts() -> list[int]:
+    """The thread counts the export measures at: 1 (a worker of one thread, several per host) and what one worker
+    gets here (``handler/runtime/cpu_budget.py``). The runtimes are ordered by the sum of their p50s: the ranking
+    differs between them (docs/cpu-speed.md)."""
+    return sorted({1, auto_threads(1).threads})
+
+
 def measure_and_record(result, entries: dict[str, tuple[RuntimeEntry, object]], reference: YoloPipeline, log: Log,
                        first: str | None = None) -> list[RuntimeEntry]:
-    """Time ``entries`` (``{label: (entry, backbone)}``) and write them, fastest first (``first``, a label: that one
-    first whatever its speed), into the metadata of every file (``runtimes``); returns the entries in that order."""
+    """Time ``entries`` (``{label: (entry, backbone)}``) at each of :func:`thread_counts` (1 thread pinned to one CPU)
+    and write them, fastest first (by the sum of their p50s; ``first``, a label: that one first whatever its speed), into
+    the metadata of every file (``runtimes``); returns the entries in that order. Each runtime's backbone is loaded again
+    per thread count (OpenVINO takes its thread count when it compiles)."""
+    import os
+
     from export.quantize import rewrite_metadata
 
-    threads = auto_threads(1).threads
+    out_dir: Path = result.out_dir
     image = decode_image(Path(_bus()).read_bytes())
-    x = reference.to_input([reference.prepare(image).pixels])
-    ms = measure({label: backbone for label, (_, backbone) in entries.items()}, x, threads)
-    ordered = sorted((replace(e, forward_ms=round(ms[label], 2), threads=threads) for label, (e, _) in entries.items()),
-                     key=lambda e: (e.label != first, e.forward_ms))
+    x = reference.to_input([reference.prepare(image).pixels])  # float32[1, 3, H, W] channels-last, as torch runtimes get it
+    planar = x.contiguous()  # the same values, dense NCHW, as OpenVINO gets it (pipeline.planar_input)
+    per_threads: dict[str, dict[str, float]] = {label: {} for label in entries}
+    affinity = os.sched_getaffinity(0)
+    for threads in thread_counts():
+        backbones = {label: (backbone if threads == auto_threads(1).threads or entry.runtime != OPENVINO_RUNTIME
+                             else load(entry, out_dir, threads)) for label, (entry, backbone) in entries.items()}
+        calls = {label: (lambda t, b=b: b(planar if not getattr(b, "channels_last", True) else t)) for label, b in backbones.items()}
+        if threads == 1:
+            os.sched_setaffinity(0, {min(affinity)})
+        try:
+            ms = measure(calls, x, threads)
+        finally:
+            os.sched_setaffinity(0, affinity)
+        for label, value in ms.items():
+            per_threads[label][str(threads)] = round(value, 2)
+    ordered = sorted((replace(e, forward_ms=tuple(per_threads[label].items())) for label, (e, _) in entries.items()),
+                     key=lambda e: (e.label != first, sum(ms for _, ms in e.forward_ms)))
     h, w = x.shape[2:]
-    log(f"  runtimes, raw forward p50 at 1x3x{h}x{w}, {threads} thread(s), CPU {cpu_flags.summary()}: "
-        + ", ".join(f"{e.label} {e.forward_ms:.1f} ms" for e in ordered))
+    log(f"  runtimes, raw forward p50 at 1x3x{h}x{w}, CPU {cpu_flags.summary()}: "
+        + "; ".join(f"{e.label} {e.measured}" for e in ordered))
     log(f"  runtime auto will take {ordered[0].label} where it runs, then the next")
     meta = {**result.metadata, RUNTIMES_KEY: [e.as_dict() for e in ordered]}
-    rewrite_metadata(result.out_dir, meta)
+    rewrite_metadata(out_dir, meta)
     result.metadata = meta
     return ordered
 
@@ -192,7 +218,7 @@ def add_runtimes(result, runtimes: list[str], step, log: Log) -> list[RuntimeEnt
     from export.exporter import sample_images
 
     out_dir: Path = result.out_dir
-    threads = auto_threads(1).threads
+    threads = auto_threads(1).threads  # the backbones are checked at the count one worker gets here
     metadata_json = to_json(result.metadata)
     reference = YoloPipeline.from_dir(out_dir, runtime=TORCHSCRIPT_RUNTIME)
     entries: dict[str, tuple[RuntimeEntry, object]] = {

@@ -30,9 +30,9 @@ def _meta(*entries: RuntimeEntry, **extra) -> dict:
     return {"format": "torchscript", "backbone": "backbone.pt", "runtimes": [e.as_dict() for e in entries], **extra}
 
 
-OV = RuntimeEntry("openvino", "fp32", ("backbone.xml", "backbone.bin"), 20.0, 2)
-AOTI = RuntimeEntry("aoti", "fp32", ("backbone.pt2",), 25.0, 2, cpu_flags=("avx2", "avx512f"))
-TS = RuntimeEntry("torchscript", "fp32", ("backbone.pt",), 40.0, 2)
+OV = RuntimeEntry("openvino", "fp32", ("backbone.xml", "backbone.bin"), (("1", 20.0), ("2", 12.0)))
+AOTI = RuntimeEntry("aoti", "fp32", ("backbone.pt2",), (("1", 25.0), ("2", 14.0)), cpu_flags=("avx2", "avx512f"))
+TS = RuntimeEntry("torchscript", "fp32", ("backbone.pt",), (("1", 40.0), ("2", 13.0)))
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_runtime_setting_is_validated_like_the_other_keys():
 def test_archive_config_writes_the_setting_and_what_the_export_proved():
     text = model_config_yaml({}, metadata={"max_stride": 32, **_meta(OV, AOTI, TS)})
     assert "  runtime: auto  #" in text
-    assert "openvino fp32 20.0 ms, aoti fp32 25.0 ms, torchscript fp32 40.0 ms" in text
+    assert "#   openvino fp32: 20.0 ms at 1, 12.0 ms at 2 threads\n#   aoti fp32: 25.0 ms at 1, 14.0 ms at 2 threads\n" in text
     assert "runtime: auto serves openvino fp32 where it runs" in text
     assert "runtime: openvino" in model_config_yaml({"runtime": "openvino"})  # the user's value is kept
 

@@ -45,24 +45,33 @@ class RuntimeEntry:
     runtime: str
     precision: str = "fp32"
     files: tuple[str, ...] = ()
-    forward_ms: float | None = None  # the export's measurement (p50 of the raw forward at its imgsz), at `threads`
-    threads: int | None = None
+    # the export's measurement: p50 ms of the raw forward at its imgsz, by thread count ({"1": 34.2, "2": 21.8})
+    forward_ms: tuple[tuple[str, float], ...] | None = None
     cpu_flags: tuple[str, ...] | None = None  # aoti: the export CPU's ISA flags, all needed by the compiled code
 
     @classmethod
     def from_dict(cls, d: dict) -> "RuntimeEntry":
-        flags = d.get("cpu_flags")
+        flags, ms = d.get("cpu_flags"), d.get("forward_ms")
         return cls(d["runtime"], d.get("precision", "fp32"), tuple(d.get("files") or RUNTIME_FILES[d["runtime"]]),
-                   d.get("forward_ms"), d.get("threads"), tuple(flags) if flags is not None else None)
+                   tuple(ms.items()) if isinstance(ms, dict) else None, tuple(flags) if flags is not None else None)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["files"] = list(self.files)
+        d["forward_ms"] = dict(self.forward_ms) if self.forward_ms is not None else None
         if self.cpu_flags is None:
             del d["cpu_flags"]
         else:
             d["cpu_flags"] = list(self.cpu_flags)
         return d
+
+    @property
+    def measured(self) -> str:
+        """``"34.2 ms at 1 thread, 21.8 ms at 2"``, or ``"not measured"``."""
+        if not self.forward_ms:
+            return "not measured"
+        parts = [f"{ms:.1f} ms at {t}" for t, ms in self.forward_ms]
+        return ", ".join(parts) + (" threads" if self.forward_ms[-1][0] != "1" else " thread")
 
     @property
     def label(self) -> str:

@@ -37,9 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from handler.contract import RUNTIME_SETTINGS
 from handler.image.letterbox import LETTERBOX_MODES
 from handler.tasks.detect import LIMITS, Thresholds
-from handler.runtime.runtimes import RUNTIME_SETTINGS
 from handler.tracking.params import BotSortParams, ByteTrackParams, TrackerParams, tracker_name, tracker_params
 
 _SECTION = "handler"

@@ -46,6 +46,8 @@ TORCHSCRIPT_RUNTIME = "torchscript"  # backbone.pt, always in the archive: the r
 AOTI_RUNTIME = "aoti"  # backbone.pt2
 OPENVINO_RUNTIME = "openvino"  # backbone.xml + backbone.bin
 RUNTIMES = (TORCHSCRIPT_RUNTIME, AOTI_RUNTIME, OPENVINO_RUNTIME)
+AUTO_RUNTIME = "auto"  # the export's fastest proven runtime that runs in this worker
+RUNTIME_SETTINGS = (AUTO_RUNTIME, *RUNTIMES)  # the values of ``handler: runtime:``
 RUNTIME_FILES = {TORCHSCRIPT_RUNTIME: [BACKBONE_FILE], AOTI_RUNTIME: [AOTI_BACKBONE_FILE],
                  OPENVINO_RUNTIME: [OPENVINO_IR_FILE, OPENVINO_WEIGHTS_FILE]}
 PRECISIONS = ("fp32", "bf16", "int8")  # fp32 is equal to Ultralytics; bf16 and int8 only by the user's choice

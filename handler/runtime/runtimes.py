@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from handler.contract import (
+from handler.contract import (  # noqa: F401 - RUNTIME_SETTINGS for callers
     AOTI_FORMAT,
     AOTI_RUNTIME,
+    AUTO_RUNTIME as AUTO,
     OPENVINO_RUNTIME,
     RUNTIME_FILES,
-    RUNTIMES,
+    RUNTIME_SETTINGS,
     RUNTIMES_KEY,
     TORCHSCRIPT_RUNTIME,
     ArtifactError,
@@ -33,9 +34,6 @@ from handler.contract import (
 from handler.runtime import cpu_flags
 
 logger = logging.getLogger(__name__)
-
-AUTO = "auto"
-RUNTIME_SETTINGS = (AUTO, *RUNTIMES)  # the values of ``handler: runtime:``
 
 
 @dataclass(frozen=True)

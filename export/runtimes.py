@@ -240,6 +240,7 @@ def add_runtimes(result, runtimes: list[str], step, log: Log) -> list[RuntimeEnt
             continue
         log(f"    raw outputs max abs diff {raw:.2e}; {n} detections equal to YOLO.predict")
         entries[runtime] = (entry, backbone)
+        result.files += [out_dir / name for name in entry.files if out_dir / name not in result.files]
     chosen = entries[AOTI_RUNTIME][0].label if result.metadata.get("format") == AOTI_FORMAT and AOTI_RUNTIME in entries else None
     with step("runtimes: measure"):  # --format aoti: the user chose the .pt2; it stays first
         return measure_and_record(result, entries, reference, log, first=chosen)

@@ -53,12 +53,6 @@ class StageTimes:
     forwards: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, H, W) of each backbone call
 
 
-def bgr_to_rgb_into(pixels: list[np.ndarray], out: np.ndarray) -> None:
-    """``n x uint8[H, W, 3]`` BGR -> ``out: uint8[n, H, W, 3]`` RGB (C-contiguous), written in place by OpenCV."""
-    for j, p in enumerate(pixels):
-        cv2.cvtColor(p, cv2.COLOR_BGR2RGB, dst=out[j])
-
-
 def planar_input(pixels: list[np.ndarray]) -> Tensor:
     """``n x uint8[H, W, 3]`` BGR -> ``float32[n, 3, H, W]`` RGB 0..1, dense NCHW (CPU), the values of
     :meth:`YoloPipeline.to_input`: OpenCV splits the planes into place in RGB order, and the one float division

@@ -95,8 +95,13 @@ def _ultralytics(engine: Engine, threads: int) -> tuple[Callable, Callable, str,
     import torch
     from ultralytics import YOLO
 
-    torch.set_num_threads(threads)
+    from ultralytics.utils import NUM_THREADS
+
     path = Path(engine.path)
+    # YOLO(pt): torch is the engine, at the run's threads. The others: the runtime gets the run's threads, torch (the
+    # NMS) what Ultralytics sets for itself, min(8, cores - 1), as ours keeps torch at 1 beside OpenVINO
+    torch_threads = threads if path.suffix == ".pt" else min(threads, NUM_THREADS)
+    torch.set_num_threads(torch_threads)
     model = YOLO(str(path), task="pose")
     model.predict(str(IMAGES[0]), imgsz=IMGSZ, verbose=False)  # builds the predictor and its backend
     backend = model.predictor.model.backend
@@ -133,7 +138,7 @@ def _ultralytics(engine: Engine, threads: int) -> tuple[Callable, Callable, str,
     x = np.random.default_rng(0).random((1, 3, 640, 480), dtype=np.float32)
 
     def file(i: int) -> None:
-        torch.set_num_threads(threads)  # Ultralytics' predictor may change it
+        torch.set_num_threads(torch_threads)  # Ultralytics' predictor may change it
         model.predict(str(IMAGES[i % 2]), imgsz=IMGSZ, verbose=False)
 
     return file, lambda: raw(x), precision, runtime

@@ -42,6 +42,7 @@ from handler.pipeline import StageTimes, YoloPipeline
 from handler.request import parse_request
 from handler.response import ModelInfo, encode_response, response_body
 from handler.runtime.artifacts import load_artifacts
+from handler.runtime.device import threads_beside
 from handler.tasks import PreparedImage, ResponseOptions
 from handler.video import STREAM_HEADER, StreamPlan, TrackedFrame, VideoStreams
 
@@ -125,6 +126,8 @@ class YoloService:
             logger.warning("handler.half is true but the worker runs on %s; FP16 is CUDA-only, serving in FP32", device)
             half = False
         backbone, postprocess, meta = load_artifacts(model_dir, device, config.runtime)
+        if getattr(backbone, "threads", None):  # a runtime with its own thread pool took the worker's threads
+            threads_beside(backbone.threads)
         config.check_model(meta)
         pipeline = YoloPipeline(
             backbone,

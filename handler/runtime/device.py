@@ -1,7 +1,8 @@
 """Where a worker runs: its device (the GPU TorchServe gave it, or the CPU) and its torch threads.
 
 The thread count of ``torch_threads: 0`` (auto) is :func:`handler.runtime.cpu_budget.auto_threads`: the CPUs this
-process may really use (affinity, capped by a cgroup CPU quota), divided among the model's workers.
+process may really use (affinity, capped by a cgroup CPU quota), divided among the model's workers. A backbone runtime
+with a thread pool of its own (OpenVINO) gets that count, and torch keeps one thread (:func:`threads_beside`).
 """
 
 from __future__ import annotations
@@ -57,3 +58,12 @@ def set_threads(configured: int, device: torch.device, model_yaml: dict | None) 
         torch.set_num_threads(choice.threads)
         logger.info("torch threads: %d (auto: %s)", choice.threads, choice.reason)
     return torch.get_num_threads()
+
+
+def threads_beside(backbone_threads: int) -> None:
+    """A backbone runtime with its own thread pool (OpenVINO) took the worker's ``backbone_threads``: torch, which then
+    runs only the input conversion and the postprocessor (well under 1 ms of work per image), gets one thread. With
+    more, its OpenMP threads spin after each call and take the cores from the next forward: measured at 2 threads on
+    2 cores (docs/cpu-speed.md), 2.6-3.2 ms more per image, the same answers."""
+    torch.set_num_threads(1)
+    logger.info("torch threads: 1 beside the backbone runtime's %d thread(s)", backbone_threads)

@@ -102,16 +102,21 @@ def test_a_real_pt2_is_refused_on_a_cpu_without_its_isa(runtimes_export, monkeyp
     assert YoloService.from_dir(result.out_dir).pipeline.runtime != "aoti"  # auto takes the next proven one
 
 
-def test_openvino_honours_the_thread_count(runtimes_export):
-    """OpenVINO is compiled with the worker's torch thread count (the thread policy of handler/runtime/device.py)."""
+def test_openvino_takes_the_worker_threads_and_torch_keeps_one(runtimes_export):
+    """OpenVINO is compiled with the worker's thread count (the policy of handler/runtime/device.py); torch, which then
+    runs only the input conversion and the postprocessor, drops to one thread."""
     import torch
 
     result, _ = runtimes_export
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(2)
         backbone = YoloService.from_dir(result.out_dir, HandlerConfig(runtime="openvino")).pipeline.backbone
-        assert backbone.threads == 1 and int(backbone._compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+        assert backbone.threads == 2 and int(backbone._compiled.get_property("INFERENCE_NUM_THREADS")) == 2
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        YoloService.from_dir(result.out_dir, HandlerConfig(runtime="torchscript"))
+        assert torch.get_num_threads() == 2  # a torch runtime keeps the worker's count
     finally:
         torch.set_num_threads(before)
 

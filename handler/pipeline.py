@@ -64,6 +64,12 @@ def planar_input(pixels: list[np.ndarray]) -> Tensor:
     return torch.from_numpy(planes).float().div_(255)
 
 
+def bgr_to_rgb_into(pixels: list[np.ndarray], out: np.ndarray) -> None:
+    """``n x uint8[H, W, 3]`` BGR -> ``out: uint8[n, H, W, 3]`` RGB (C-contiguous), written in place by OpenCV."""
+    for j, p in enumerate(pixels):
+        cv2.cvtColor(p, cv2.COLOR_BGR2RGB, dst=out[j])
+
+
 class YoloPipeline:
     """The task's transform, batch by shape, ``backbone.pt`` then ``postprocess.pt``.
 

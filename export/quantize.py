@@ -62,7 +62,6 @@ MATCH_IOU = 0.9
 MIN_RECALL = 0.95
 INT8 = "int8"
 BF16 = "bf16"
-INT8_ENGINES = ("openvino", "torchao")
 MAX_CALIB_IMAGES = 64  # observers settle within tens of images; more only lengthens the export
 
 
@@ -342,6 +341,15 @@ def export_reduced(precision: str, engine: str, weights: str, out_dir: Path, cal
         check_bf16_cpu()
     if precision == INT8 and engine == "torchao":
         return export_int8(weights, out_dir, calib_dir, imgsz, accept_drift, log, **export_kwargs)
+    from importlib.util import find_spec
+
+    from export.runtimes import not_installed
+
+    missing = not_installed(OPENVINO_RUNTIME)
+    if missing is None and precision == INT8 and find_spec("nncf") is None:
+        missing = "nncf is not installed: pip install 'yolo-torchserve[int8]'"
+    if missing:
+        raise ExportError(f"--quantize {precision}: {missing}")
     calib = calibration_images(calib_dir)
     result = export_model(weights, out_dir, imgsz, log=log, **export_kwargs)
     held_out = [decode_image(p.read_bytes()) for p in sample_images() if p.name not in calib.names]

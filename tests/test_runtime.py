@@ -235,3 +235,51 @@ def test_planar_input_is_the_channels_last_input_value_for_value(sample_images):
     planar = planar_input(pixels)
     rgb = torch.from_numpy(np.stack([cv2.cvtColor(p, cv2.COLOR_BGR2RGB) for p in pixels])).permute(0, 3, 1, 2).float().div_(255)
     assert planar.is_contiguous() and planar.shape == rgb.shape and torch.equal(planar, rgb)
+
+
+def test_reduced_precision_without_openvino_is_a_usage_error(no_openvino, flags, tmp_path):
+    from export.checkpoint import ExportError
+    from export.quantize import export_reduced
+
+    flags(WITH_BF16)
+    with pytest.raises(ExportError, match=r"--quantize int8: openvino is not installed: pip install 'yolo-torchserve\[openvino\]'"):
+        export_reduced("int8", "openvino", "never-read.pt", tmp_path / "out", tmp_path, [640, 640])
+
+
+def test_a_named_runtime_that_cannot_be_built_is_a_usage_error(no_openvino):
+    from export.checkpoint import ExportError
+    from export.runtimes import resolve
+
+    with pytest.raises(ExportError, match=r"--runtimes openvino: openvino is not installed"):
+        resolve(["openvino"])
+    lines: list[str] = []
+    assert "openvino" not in resolve(["auto"], lines.append)  # auto leaves it out, and says why
+    assert any("runtime openvino: not a candidate (openvino is not installed" in s for s in lines)
+
+
+def test_a_candidate_that_fails_is_left_out_and_the_export_goes_on(tmp_path, pose_export, monkeypatch):
+    """The runtime step on a real export: a candidate whose build breaks halfway leaves no file behind and no entry;
+    the reference is still measured and recorded."""
+    import shutil
+    from dataclasses import replace
+
+    from export import runtimes
+
+    d = tmp_path / "export"
+    shutil.copytree(pose_export.out_dir, d)
+    result = replace(pose_export, out_dir=d, files=[], metadata=dict(pose_export.metadata), steps=[])
+
+    def broken_build(runtime, result, metadata_json):
+        (result.out_dir / "backbone.xml").write_text("half written")
+        raise RuntimeError("the converter crashed\nwith a long trace")
+
+    monkeypatch.setattr(runtimes, "build", broken_build)
+    monkeypatch.setattr(runtimes, "measure", lambda calls, x, threads: {label: 1.0 for label in calls})  # not timed here
+    lines: list[str] = []
+    from contextlib import nullcontext
+
+    recorded = runtimes.add_runtimes(result, ["openvino"], lambda what: nullcontext(), lines.append)
+    assert [e.runtime for e in recorded] == ["torchscript"]
+    assert "    runtime openvino left out: the converter crashed" in lines
+    assert not (d / "backbone.xml").exists()
+    assert json.loads((d / "metadata.json").read_text())["runtimes"][0]["runtime"] == "torchscript"

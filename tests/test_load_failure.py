@@ -56,7 +56,7 @@ BROKEN = {
     "setting": "handler.imgsz [600, 600] is not a multiple of the model's max stride 32",
     "tracking": "unknown key(s) ['max_stream']",
     "corrupt": f"{BACKBONE_FILE} cannot be loaded as TorchScript (PytorchStreamReader failed",
-    "missing": f"{BACKBONE_FILE} not found",
+    "missing": f"{BACKBONE_FILE} is not in",
     "contract": f"contract version 1, this handler reads {CONTRACT_VERSION}",
     "task": "task 'landmarks' is not served by this handler",
 }

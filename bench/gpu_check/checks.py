@@ -228,8 +228,12 @@ def section_fp16(run: Run) -> dict:
         fp32 = _outputs(pipeline(model_dir, run.device), images, options, kind)
         fp16 = _outputs(pipeline(model_dir, run.device, half=True), images, options, kind)
         per_image = {n: compare(kind, fp32[n], fp16[n]) for n in images}
-        result["models"][name] = {"kind": kind, "vs_fp32": per_image, "pass": all(fp16_ok(kind, c) for c in per_image.values())}
-    result["pass"] = all(m["pass"] for m in result["models"].values())
+        vs_cpu = {n: compare(kind, ref["outputs"][n], fp16[n]) for n in images}
+        result["models"][name] = {
+            "kind": kind, "vs_fp32": per_image, "pass": all(fp16_ok(kind, c) for c in per_image.values()),
+            "vs_cpu_reference": vs_cpu, "pass_vs_cpu_reference": all(fp16_ok(kind, c) for c in vs_cpu.values()),
+        }
+    result["pass"] = all(m["pass"] and m["pass_vs_cpu_reference"] for m in result["models"].values())
     return result
 
 

@@ -4,7 +4,7 @@ memory went; prints one JSON line. Run by ``gpu_id.py`` as
     python gpu_id_child.py REPO MODEL_DIR GPU_ID FALLBACK(0|1) IMAGE
 
 TorchServe's ``ts`` package is stubbed when it is not installed (the handler only subclasses ``BaseHandler`` and
-names ``MetricTypes.GAUGE``)."""
+names ``MetricTypes.GAUGE`` and ``Dimension``)."""
 
 import json, os, sys, types, warnings
 warnings.simplefilter("ignore")
@@ -15,15 +15,20 @@ try:
     stub = False
 except ImportError:
     stub = True
-    for name in ("ts", "ts.metrics", "ts.metrics.metric_type_enum", "ts.torch_handler", "ts.torch_handler.base_handler"):
+    for name in ("ts", "ts.metrics", "ts.metrics.dimension", "ts.metrics.metric_type_enum", "ts.torch_handler",
+                 "ts.torch_handler.base_handler"):
         sys.modules[name] = types.ModuleType(name)
     class BaseHandler:
         def __init__(self):
             self.initialized = False
     class MetricTypes:
         GAUGE = "gauge"
+    class Dimension:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
     sys.modules["ts.torch_handler.base_handler"].BaseHandler = BaseHandler
     sys.modules["ts.metrics.metric_type_enum"].MetricTypes = MetricTypes
+    sys.modules["ts.metrics.dimension"].Dimension = Dimension
 import torch
 from handler.yolo_handler import YoloHandler
 

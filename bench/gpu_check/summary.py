@@ -75,6 +75,13 @@ def _md_fp16(f16: dict) -> list[str]:
                              f"{_fmt(c['max_abs_diff_extra'])} | {_fmt(m['pass'])} |")
             else:
                 lines.append(f"| {name} | {image} | top-{c['k']} | same ids {_fmt(c['same_ids'])} | {c['common']} | | {_fmt(c['max_dp'])} | | {_fmt(m['pass'])} |")
+        for image, c in m.get("vs_cpu_reference", {}).items():
+            if m["kind"] == "rows":
+                lines.append(f"| {name} vs CPU reference | {image} | {c['ref']} | {c['other']} | {c['matched']} | {_fmt(c['min_iou'], 4)} | "
+                             f"{_fmt(c['max_dscore'])} | {_fmt(c['max_abs_diff_extra'])} | {_fmt(m['pass_vs_cpu_reference'])} |")
+            else:
+                lines.append(f"| {name} vs CPU reference | {image} | top-{c['k']} | same ids {_fmt(c['same_ids'])} | {c['common']} | | "
+                             f"{_fmt(c['max_dp'])} | | {_fmt(m['pass_vs_cpu_reference'])} |")
     return lines
 
 
@@ -131,9 +138,37 @@ def _md_batch_delay(bd: dict) -> list[str]:
     return lines
 
 
+def _md_overlap(ov: dict) -> list[str]:
+    lines = [f"## Overlap on and off ({ov['groups']} input shapes per batch, {ov['precision']})", "",
+             "| preprocess | batch | on ms | off ms | off / on |", "|---|---|---|---|---|"]
+    lines += [f"| {r['preprocess']} | {r['batch']} | {r['on_ms']} | {r['off_ms']} | {r['off_over_on']} |" for r in ov["rows"]]
+    return lines
+
+
+def _md_compiled(c: dict) -> list[str]:
+    lines = [f"## Compiled backbones ({c['image']}, {c['precision']}, backbone only)", "",
+             "| batch | TorchScript ms | CUDA graph ms | speedup | replay vs eager max abs |", "|---|---|---|---|---|"]
+    graphs = c.get("cuda_graphs", [])
+    if isinstance(graphs, dict):
+        lines.append(f"| CUDA graphs: ERROR `{graphs['error'][:300]}` | | | | |")
+    else:
+        lines += [f"| {r['batch']} | {r['torchscript_ms']} | {r['graph_ms']} | {r['speedup']} | {_fmt(r['replay_equals_eager_max_abs'])} |"
+                  for r in graphs]
+    if isinstance(c.get("aoti"), dict):
+        return lines + ["", f"AOTInductor: {c['aoti'].get('skipped') or 'ERROR ' + c['aoti'].get('error', '')[:500]}"]
+    lines += ["", f"AOTInductor compile: {c.get('aoti_compile_s')} s", "",
+              "| batch | TorchScript ms | AOTInductor ms | speedup | raw max abs diff |", "|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['torchscript_ms']} | {r['aoti_ms']} | {r['speedup']} | {_fmt(r['raw_max_abs_diff'])} |" for r in c.get("rows", [])]
+    for image, d in c.get("detections_vs_torchscript_fp16", {}).items():
+        lines.append(f"- {image}: {d['ref']} / {d['other']} / {d['matched']} matched, min IoU {_fmt(d['min_iou'], 4)}, "
+                     f"max abs dscore {_fmt(d['max_dscore'])}")
+    return lines
+
+
 _MD: dict[str, Callable[[dict], list[str]]] = {
     "artifacts": _md_artifacts, "tests": _md_tests, "letterbox": _md_letterbox, "fp32": _md_fp32, "fp16": _md_fp16,
     "gpu_decode": _md_gpu_decode, "throughput": _md_throughput, "gpu_id": _md_gpu_id, "batch_delay": _md_batch_delay,
+    "overlap": _md_overlap, "compiled": _md_compiled,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import cv2
 import torch
 
 from bench.gpu_check import BENCH_IMAGE, L1_L0_TARGET, LARGE_IMAGE
@@ -110,6 +111,47 @@ def section_throughput(run: Run) -> dict:
             "precision": ratio_row["precision"], "target": L1_L0_TARGET,
             **{mode: round(ratio_row[f"L1_{mode}_images_per_s"] / ratio_row["L0_images_per_s"], 3) for mode in modes},
         }
+    return out
+
+
+def _shapes(data: bytes) -> list[bytes]:
+    """``data`` and three JPEGs made from it whose network inputs differ in shape: turned 90 degrees, a square crop
+    and a wide crop (with bus.jpg at 640: 640x480, 480x640, 640x640, 320x640)."""
+    image = decode_image(data)
+    h, w = image.shape[:2]
+    side = min(h, w)
+    variants = [cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE), image[:side, :side], image[: w // 2, :]]
+    return [data] + [cv2.imencode(".jpg", v, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for v in variants]
+
+
+def section_overlap(run: Run) -> dict:
+    """L1 of one batch that mixes four input shapes (four forwards), with the overlap of ``handler/runtime/overlap.py``
+    on (the next group's input made on a side stream while the current forward runs) and off (made inline on the
+    current stream first), in FP16, with each ``preprocess``."""
+    if not run.cuda:
+        return {"skipped": "the overlap is CUDA-only (on CPU inputs are made inline)"}
+    pose = run.model_dirs()["pose"]
+    shapes = _shapes(run.images()[BENCH_IMAGE])
+    warm, iters, min_s = (1, 1, 0.0) if run.quick else (2, 5, 1.0)
+    out: dict = {"image": BENCH_IMAGE, "precision": "fp16", "groups": len(shapes), "rows": []}
+    for preprocess in ("cpu", "device"):
+        for per_shape in (1, 8):
+            pipe = pipeline(pose, run.device, half=True, preprocess=preprocess)
+            service = YoloService(pipe, HandlerConfig(preprocess=preprocess))
+            rows = [{"body": d} for d in shapes for _ in range(per_shape)]
+
+            def call() -> None:
+                for answer in service.handle(rows).answers:
+                    if answer.status != 200:
+                        raise RuntimeError(f"overlap: {answer.status} {answer.body}")
+
+            row: dict = {"preprocess": preprocess, "batch": len(rows)}
+            row["on_ms"] = median_ms(timed(call, run.device, warm, iters, min_s))
+            stream, pipe.side.stream = pipe.side.stream, None  # off: SideStream stages inline, as on CPU
+            row["off_ms"] = median_ms(timed(call, run.device, warm, iters, min_s))
+            pipe.side.stream = stream
+            row["off_over_on"] = round(row["off_ms"] / row["on_ms"], 3)
+            out["rows"].append(row)
     return out
 
 

@@ -28,6 +28,7 @@ from bench.gpu_check.checks import (
     section_tests,
 )
 from bench.gpu_check.compiled import section_compiled
+from bench.gpu_check.executor import section_executor
 from bench.gpu_check.gpu_id import section_gpu_id
 from bench.gpu_check.run import REPO, Run
 from bench.gpu_check.throughput import section_batch_delay, section_overlap, section_throughput
@@ -59,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this many seconds")
     ap.add_argument("--pytest-k", default=None, help="pytest -k expression for the tests section")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--jit-optimize", choices=("on", "off"), default=None,
+                    help="TorchScript's graph executor optimisation in this process (default: torch's, on); see executor.py")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.jit_optimize is not None:
+        torch._C._set_graph_executor_optimize(args.jit_optimize == "on")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here; run with --device cpu for the dry run", file=sys.stderr)
         return 2
@@ -83,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         ("fp32", lambda: section_fp32(run)),
         ("fp16", lambda: section_fp16(run)),
         ("gpu_decode", lambda: section_gpu_decode(run)),
+        ("executor", lambda: section_executor(run)),
         ("throughput", lambda: section_throughput(run)),
         ("gpu_id", lambda: section_gpu_id(run)),
         ("batch_delay", lambda: section_batch_delay(run)),
-        ("overlap", lambda: section_overlap(run)),
         ("compiled", lambda: section_compiled(run)),
+        ("overlap", lambda: section_overlap(run)),
     ]
     try:
         for name, fn in sections:

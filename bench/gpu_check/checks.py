@@ -84,6 +84,7 @@ def section_environment(run: Run) -> dict:
         "opencv": cv2.__version__,
         "numpy": np.__version__,
         "torch_threads": torch.get_num_threads(),
+        "graph_executor_optimize": torch._C._get_graph_executor_optimize(),
         "cpus": os.cpu_count(),
         "host": platform.node(),
     }

@@ -145,6 +145,18 @@ def _md_overlap(ov: dict) -> list[str]:
     return lines
 
 
+def _md_executor(ex: dict) -> list[str]:
+    lines = ["## TorchScript's graph executor on CUDA: optimising (torch's default) against not", ""]
+    for mode, v in ex.items():
+        if "error" in v:
+            lines.append(f"- {mode}: ERROR `{v['error'][:300]}`")
+            continue
+        worst = max((c["max_abs_diff"] or 0.0) for c in v["fp32_vs_cpu_reference"].values())
+        lines.append(f"- {mode}: first backbone calls (4 shapes) {v['first_calls_ms']} ms; steady {v['steady_ms']} ms; "
+                     f"L1 first calls {v['l1_first_calls_ms']} ms; L1 steady {v['l1_steady_ms']} ms; FP32 vs CPU max abs {_fmt(worst)}")
+    return lines
+
+
 def _md_compiled(c: dict) -> list[str]:
     lines = [f"## Compiled backbones ({c['image']}, {c['precision']}, backbone only)", "",
              "| batch | TorchScript ms | CUDA graph ms | speedup | replay vs eager max abs |", "|---|---|---|---|---|"]
@@ -168,7 +180,7 @@ def _md_compiled(c: dict) -> list[str]:
 _MD: dict[str, Callable[[dict], list[str]]] = {
     "artifacts": _md_artifacts, "tests": _md_tests, "letterbox": _md_letterbox, "fp32": _md_fp32, "fp16": _md_fp16,
     "gpu_decode": _md_gpu_decode, "throughput": _md_throughput, "gpu_id": _md_gpu_id, "batch_delay": _md_batch_delay,
-    "overlap": _md_overlap, "compiled": _md_compiled,
+    "overlap": _md_overlap, "compiled": _md_compiled, "executor": _md_executor,
 }
 
 

@@ -81,7 +81,7 @@ def measure(server, service: YoloService, images: dict[str, bytes], rounds: int,
         for _ in range(rounds):
             s.append(client.post(data))
             t0 = time.perf_counter()
-            answer = service.predict(data)
+            service.predict(data)
             l1.append((time.perf_counter() - t0) * 1000)
             stages.append(client.check(data)["speed_ms"])
         out["c1"][name] = {

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.archive import BATCH_DELAY_MS
 from handler.contract import DEFAULT_MODEL_VERSION
 
 EXIT_USAGE = 2  # bad input: missing file, not a checkpoint, unsupported task
@@ -72,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "other than 1.0 the archive is MODEL_STORE/NAME-VERSION.mar, ready for `python -m tools.rollout` (default 1.0)")
     p.add_argument("--model-store", type=Path, default=Path("model_store"), help="where --archive writes the .mar (default model_store)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="what the archive will be served on: sets the "
-                   "default maxBatchDelay (cpu 2 ms, gpu 20 ms; a value in your model-config.yaml wins); auto: gpu when CUDA is available here")
+                   "default maxBatchDelay (" + ", ".join(f"{d} {ms} ms" for d, ms in BATCH_DELAY_MS.items())
+                   + "; a value in your model-config.yaml wins); auto: gpu when CUDA is available here")
     args = p.parse_args(argv)
     if args.imgsz is not None:
         if len(args.imgsz) not in (1, 2) or min(args.imgsz) < 1:

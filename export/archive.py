@@ -76,9 +76,11 @@ TORCHSERVE_DEFAULTS: dict[str, object] = {
 # maxBatchDelay (ms) by the device the model is served on (docs/benchmarks.md, "Batch delay, threads and a lone request's time"). On CPU a forward
 # takes ~70 ms, so requests pile up while a batch runs and waiting buys little: a lone request pays the whole
 # delay in QueueTime (measured: delay + ~2 ms), and 0 makes TorchServe's batch aggregator poll (~100 ms of
-# QueueTime measured), so 2. On GPU a short wait fills batches; 20 stays until a GPU run measures the curve
-# (bench/gpu_check/).
-BATCH_DELAY_MS = {"cpu": 2, "gpu": 20}
+# QueueTime measured), so 2. On GPU (docs/benchmarks.md, "GPU": an H200, yolo11n-pose): the forward takes about 5 ms
+# at any batch from 1 to 32, and a batch of one takes 13-19 ms from bytes to JSON (FP32); a batch of 8 takes 7 ms per
+# image (the CPU's decode and postprocessing). A wait longer than a lone request's time never pays at low load, and
+# one that short still lets batches of several fill under load, so 10.
+BATCH_DELAY_MS = {"cpu": 2, "gpu": 10}
 DEVICES = tuple(BATCH_DELAY_MS)
 _TORCHSERVE_COMMENTS = {
     "maxBatchDelay": "ms to wait for a batch to fill",

@@ -17,8 +17,8 @@ from bench.gpu_check.throughput import _shapes
 from handler.image.decode import decode_image
 from handler.image.letterbox import letterbox_params
 
-SECTIONS = ["environment", "artifacts", "tests", "letterbox", "fp32", "fp16", "gpu_decode", "throughput", "gpu_id", "batch_delay",
-            "overlap", "compiled"]
+SECTIONS = ["environment", "artifacts", "tests", "letterbox", "fp32", "fp16", "gpu_decode", "executor", "throughput", "gpu_id",
+            "batch_delay", "compiled", "overlap"]
 
 
 @pytest.mark.slow
@@ -49,6 +49,7 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert result["fp32"]["models"]["pose"]["device_preprocess_bit_exact"] is True
     assert result["fp16"] == {"skipped": "FP16 is CUDA-only"}
     assert "CUDA-only" in result["overlap"]["skipped"] and "CUDA-only" in result["compiled"]["skipped"]
+    assert "CUDA only" in result["executor"]["skipped"]
     rows = result["throughput"]["rows"]
     assert [(r["precision"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 2)]
     for r in rows:  # each figure is the batch over its measured time, and the batch-delay section reads the same times

@@ -283,3 +283,28 @@ def test_a_candidate_that_fails_is_left_out_and_the_export_goes_on(tmp_path, pos
     assert "    runtime openvino left out: the converter crashed" in lines
     assert not (d / "backbone.xml").exists()
     assert json.loads((d / "metadata.json").read_text())["runtimes"][0]["runtime"] == "torchscript"
+
+
+def test_torchscript_executor_optimisation_is_turned_off_on_cuda_only():
+    """TorchScript's graph-executor optimisation compiles fusion kernels per input shape on CUDA (hundreds of ms per
+    new shape, measured on an H200): a CUDA worker turns it off, a CPU worker leaves torch's default."""
+    from handler.runtime.device import torchscript_executor
+
+    before = torch._C._get_graph_executor_optimize()
+    try:
+        torch._C._set_graph_executor_optimize(True)
+        torchscript_executor(torch.device("cpu"))
+        assert torch._C._get_graph_executor_optimize() is True
+        torchscript_executor(torch.device("cuda", 0))  # a device object only: no GPU is needed to decide
+        assert torch._C._get_graph_executor_optimize() is False
+    finally:
+        torch._C._set_graph_executor_optimize(before)
+
+
+def test_loading_an_export_sets_the_executor_for_its_device(pose_export, monkeypatch):
+    from handler.runtime import artifacts
+
+    seen = []
+    monkeypatch.setattr(artifacts, "torchscript_executor", seen.append)
+    artifacts.load_artifacts(pose_export.out_dir, torch.device("cpu"))
+    assert seen == [torch.device("cpu")]

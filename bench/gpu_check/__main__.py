@@ -28,7 +28,7 @@ from bench.gpu_check.checks import (
     section_tests,
 )
 from bench.gpu_check.compiled import section_compiled
-from bench.gpu_check.executor import section_executor
+from bench.gpu_check.executor import fix_executor, section_executor
 from bench.gpu_check.gpu_id import section_gpu_id
 from bench.gpu_check.run import REPO, Run
 from bench.gpu_check.throughput import section_batch_delay, section_overlap, section_throughput
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pytest-k", default=None, help="pytest -k expression for the tests section")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     ap.add_argument("--jit-optimize", choices=("on", "off"), default=None,
-                    help="TorchScript's graph executor optimisation in this process (default: torch's, on); see executor.py")
+                    help="TorchScript's graph-executor optimisation in this process (default: what a worker does, off on CUDA); see executor.py")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.jit_optimize is not None:
-        torch._C._set_graph_executor_optimize(args.jit_optimize == "on")
+        fix_executor(args.jit_optimize == "on")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here; run with --device cpu for the dry run", file=sys.stderr)
         return 2

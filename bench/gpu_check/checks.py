@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.gpu_check import EAGER_FILE, FP16_MAX_DSCORE, FP16_MIN_IOU, FP32_TOL, REFERENCE_FILE
+from bench.gpu_check import EAGER_FILE, FP16_MAX_DSCORE, FP16_MIN_IOU, FP32_MIN_IOU, FP32_TOL, REFERENCE_FILE
 from bench.gpu_check.compare import compare, fp16_ok, fp32_ok, match_rows
 from bench.gpu_check.run import REPO, Run
 from handler.contract import BACKBONE_FILE, METADATA_FILE, POSTPROCESS_FILE, check_metadata
@@ -184,7 +184,7 @@ def _outputs(pipe: YoloPipeline, images: dict[str, bytes], options: dict, kind: 
 
 def section_fp32(run: Run) -> dict:
     images = run.images()
-    result: dict = {"tolerance": FP32_TOL, "models": {}}
+    result: dict = {"criteria": {"min_iou": FP32_MIN_IOU, "max_dscore": FP32_TOL}, "models": {}}
     for name, model_dir in run.model_dirs().items():
         ref = torch.load(model_dir / REFERENCE_FILE, weights_only=True)
         kind, options = ref["kind"], run.manifest["models"][name]["options"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from bench.gpu_check import FP16_MAX_DSCORE, FP16_MIN_IOU, FP32_TOL
+from bench.gpu_check import FP16_MAX_DSCORE, FP16_MIN_IOU, FP32_MIN_IOU, FP32_TOL
 from export.matching import greedy_match
 
 
@@ -49,7 +49,7 @@ def compare(kind: str, ref: Tensor, other: Tensor) -> dict:
 def fp32_ok(kind: str, c: dict) -> bool:
     if kind == "rows":
         same = c["ref"] == c["other"] == c["matched"]
-        return same and (c["max_abs_diff"] is None or c["max_abs_diff"] <= FP32_TOL)
+        return same and (c["min_iou"] is None or (c["min_iou"] >= FP32_MIN_IOU and c["max_dscore"] <= FP32_TOL))
     return c["same_ids"] and c["max_dp"] is not None and c["max_dp"] <= FP32_TOL
 
 

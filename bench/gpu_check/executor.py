@@ -31,8 +31,17 @@ from bench.gpu_check.run import REPO, Run, median_ms, sync, timed
 CALLS = 24
 
 
+def fix_executor(optimize: bool) -> None:
+    """Set TorchScript's graph-executor optimisation for this process and keep it: loading an export on CUDA would
+    turn it off (``handler/runtime/device.py`` ``torchscript_executor``, what a worker does), so that step is skipped."""
+    from handler.runtime import artifacts
+
+    torch._C._set_graph_executor_optimize(optimize)
+    artifacts.torchscript_executor = lambda device: None
+
+
 def _child(mode: str, exports: Path, device: torch.device) -> dict:
-    torch._C._set_graph_executor_optimize(mode == "on")
+    fix_executor(mode == "on")
     from bench.gpu_check.compare import compare
     from bench.gpu_check.throughput import _l1_rows, _shapes
     from handler.config import HandlerConfig

@@ -49,7 +49,9 @@ def _md_letterbox(lb: dict) -> list[str]:
 
 
 def _md_fp32(f32: dict) -> list[str]:
-    lines = [f"## FP32 on the device against the CPU reference (tolerance {f32['tolerance']}): {'PASS' if f32['pass'] else 'FAIL'}", "",
+    crit = f32.get("criteria") or {"tolerance": f32.get("tolerance")}
+    lines = [f"## FP32 on the device against the CPU reference ({', '.join(f'{k} {v}' for k, v in crit.items())}): "
+             f"{'PASS' if f32['pass'] else 'FAIL'}", "",
              "| model | variant | image | ref | other | matched | max abs diff (dp) | pass |", "|---|---|---|---|---|---|---|---|"]
     for name, m in f32["models"].items():
         for variant, per in m["vs_cpu_reference"].items():

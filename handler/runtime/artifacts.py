@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from handler.contract import METADATA_FILE, POSTPROCESS_FILE, RUNTIMES_KEY, ArtifactError, check_metadata
-from handler.runtime.device import is_cuda_error
+from handler.runtime.device import is_cuda_error, torchscript_executor
 from handler.runtime.runtimes import AUTO, choose_runtime, load_backbone
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def load_artifacts(model_dir: str | Path, device: torch.device, runtime: str = A
     model_dir = Path(model_dir)
     if not (model_dir / POSTPROCESS_FILE).is_file():
         raise ArtifactError(f"{model_dir / POSTPROCESS_FILE} not found; export the model with `python -m export`")
+    torchscript_executor(device)
     postprocess, meta_p = _jit_load(model_dir / POSTPROCESS_FILE, device)
     check_metadata(meta_p, str(model_dir / POSTPROCESS_FILE))
     entry = choose_runtime(runtime, meta_p, model_dir, device)

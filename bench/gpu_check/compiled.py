@@ -32,7 +32,7 @@ from bench.gpu_check.compare import compare, fp16_ok
 from bench.gpu_check.run import REPO, Run, median_ms, timed
 from handler.image.decode import decode_image
 from handler.pipeline import YoloPipeline
-from handler.runtime.aoti import AOTI_MAX_BATCH, AOTI_MAX_SIDE
+from handler.runtime.aoti import AOTI_MAX_BATCH, AOTI_MAX_SIDE, AotiBackbone
 
 COMPILE_MIN_LEFT_S = 90.0  # AOTInductor's compile of yolo11n with dynamic B, H, W: start it only with this much left
 
@@ -83,16 +83,6 @@ def _aoti_fp16(run: Run, stride: int, out: dict) -> object:
     raise RuntimeError("AOTInductor did not compile; see aoti_attempts")
 
 
-class _Aoti:
-    """The loaded package, called like the TorchScript backbone (channels-last input, as it was exported)."""
-
-    def __init__(self, compiled) -> None:
-        self.compiled = compiled
-
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.compiled(images.contiguous(memory_format=torch.channels_last)))
-
-
 def _graph(backbone, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
     """``backbone(x)`` captured as a CUDA graph after warm-up calls on a side stream (TorchScript's profiling
     executor settles on its optimised graph after a few calls). Returns the graph and its static outputs."""
@@ -128,7 +118,7 @@ def _cuda_graphs(run: Run, ts16: YoloPipeline, bus, batches: list[int], timing: 
 def _aoti(run: Run, ts16: YoloPipeline, bus, batches: list[int], timing: tuple[int, int, float], out: dict) -> None:
     """AOTInductor FP16 against TorchScript FP16: compile time, raw outputs and times per batch, detections per image."""
     images = run.images()
-    aoti = _Aoti(_aoti_fp16(run, ts16.stride, out))
+    aoti = AotiBackbone(_aoti_fp16(run, ts16.stride, out), run.device, precision="fp16")  # called like the traced backbone
     with torch.inference_mode():
         for b in batches:
             x = ts16.network_input([bus] * b)
